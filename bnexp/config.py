@@ -1,0 +1,397 @@
+"""Config schema, composition and validation.
+
+The dataclasses below are the single source of truth for every key, its type and its default;
+the YAML files under configs/ only pick group options and per-option values. Validation turns
+every bad input into a `ConfigError` that names the key, the value and what is allowed.
+This module never imports torch: the CLI uses it at start-up.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # omegaconf is imported where used: `bnexp --help` stays fast
+    from omegaconf import DictConfig
+
+GROUPS = ("data", "model", "optim", "trainer")
+
+DATASETS = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
+MODELS = ("mlp", "cnn", "vgg", "resnet")
+NORMS = ("batch", "none")  # the block factory is keyed on this; "layer"/"group" slot in here
+ACTIVATIONS = ("relu", "sigmoid", "tanh")
+NORM_POSITIONS = ("before_act", "after_act")
+INITS = ("default", "normal")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+PRECISIONS = ("fp32", "bf16")
+PROGRESS = ("auto", "rich", "plain", "none")
+VGG_DEPTHS = (11, 13, 16, 19)
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"
+    # Where torchvision datasets are downloaded once and read from.
+    root: str = "${oc.env:BNEXP_DATA,data}"
+    download: bool = True
+    # Standardize inputs with the dataset's per-channel mean/std (off = an ablation of its own).
+    normalize: bool = True
+    # Random crop (padding 4) + horizontal flip, batched on the device.
+    augment: bool = False
+    # mnist5k only: held-out fraction of the stratified split, and the split's own seed, fixed
+    # apart from the run seed so that runs with different seeds share one validation set.
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    # Optional seeded subset of the training set (None = all of it).
+    train_size: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Architecture plus the ablation knobs every model shares (one definition, all models)."""
+
+    name: str = "mlp"
+    # mlp: hidden layers; cnn: conv stages; vgg: 11/13/16/19; resnet: 6n+2.
+    depth: int = 3
+    # mlp: hidden units; cnn/vgg/resnet: channels of the first stage.
+    width: int = 100
+    norm: str = "batch"
+    # BN's learnable gamma/beta. None = on when there is a norm layer; true with norm=none
+    # is an error.
+    affine: bool | None = None
+    activation: str = "relu"
+    norm_position: str = "before_act"
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+    # default = PyTorch's init; normal = N(0, init_std^2) weights and zero biases, as in the paper.
+    init: str = "default"
+    init_std: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    # step schedule: multiply the LR by gamma every step_size steps.
+    step_size: int = 1000
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    # If set, train for exactly this many steps (overrides epochs).
+    steps: int | None = None
+    batch_size: int = 64
+    eval_every: int = 50
+    eval_batch_size: int = 1000
+    log_every: int = 10
+    precision: str = "fp32"
+    # "auto" or a positive integer; auto picks what measured fastest (see bnexp/device.py).
+    threads: str = "auto"
+    deterministic: bool = False
+    checkpoint: bool = True
+    progress: str = "auto"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    device: str = "auto"
+    seed: int = 0
+
+
+class ConfigError(ValueError):
+    """A bad config value or override; its message is meant for people, one paragraph."""
+
+
+def config_dir() -> Path:
+    """The configs/ directory: inside the installed package, or at the top of a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"bnexp configs not found next to {here}")
+
+
+def group_options(group: str) -> list[str]:
+    """The options a config group offers: the YAML files in configs/<group>/."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def default_options() -> dict[str, str]:
+    """Each group's default option, as the primary config's defaults list names it."""
+    import yaml
+
+    entries = yaml.safe_load((config_dir() / "config.yaml").read_text())["defaults"]
+    return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
+
+
+def describe_option(group: str, option: str) -> str:
+    """The first comment line of an option's YAML file."""
+    first = (config_dir() / group / f"{option}.yaml").read_text().split("\n", 1)[0]
+    return first.lstrip("# ").strip() if first.startswith("#") else ""
+
+
+def run_name(override_dirname: str) -> str:
+    """Run directory name: a timestamp to the microsecond, then the overrides that were given."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+    return f"{stamp}_{override_dirname}" if override_dirname else stamp
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore and our resolvers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="bnexp_schema", node=Config)
+    # Cached so the run directory name is computed once per process.
+    OmegaConf.register_new_resolver("bnexp_run_name", run_name, use_cache=True, replace=True)
+    _registered = True
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]}?" if close else ""
+
+
+def _keys(node: Any, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    out = []
+    for key in node:
+        full = f"{prefix}{key}"
+        out.append(full)
+        if isinstance(node[key], DictConfig):
+            out.extend(_keys(node[key], full + "."))
+    return out
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Check the override strings' grammar, group options and keys before Hydra sees them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([text]))
+        except OverrideParseException as exc:
+            raise ConfigError(
+                f"Could not parse the override {text!r}: {str(exc).splitlines()[0]} "
+                "Overrides use Hydra's grammar: key=value (e.g. optim.lr=0.5), group=option "
+                "(e.g. model=cnn), +key=value to add a key, ~key to remove one."
+            ) from None
+
+    choices = {}
+    for ov in parsed:
+        key = ov.key_or_group
+        if key.startswith("hydra") or ov.package is not None:
+            continue
+        if key in GROUPS:
+            options = group_options(key)
+            values = ov.sweep_string_iterator() if ov.is_sweep_override() else [ov.value()]
+            for value in values:
+                if str(value) not in options:
+                    raise ConfigError(
+                        f"{key}={value}: unknown option for config group '{key}'. "
+                        f"Allowed: {', '.join(options)}.{_suggest(str(value), options)}"
+                    )
+            if not ov.is_sweep_override():
+                choices[key] = str(ov.value())
+    if not any(ov.key_or_group not in GROUPS and not ov.key_or_group.startswith("hydra")
+               for ov in parsed):
+        return
+    base = compose([f"{g}={o}" for g, o in choices.items()], check=False)
+    known = _keys(base)
+    for ov in parsed:
+        key = ov.key_or_group
+        if key in GROUPS or key.startswith("hydra") or ov.is_add() or ov.is_force_add():
+            continue
+        if key not in known:
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            siblings = [k for k in known if k.rsplit(".", 1)[0] == parent and "." in k] if parent \
+                else [k for k in known if "." not in k]
+            where = f"in '{parent}'" if parent else "at the top level"
+            listing = ", ".join(s.rsplit(".", 1)[-1] for s in siblings if s != "hydra")
+            raise ConfigError(
+                f"{key}: unknown config key. Keys {where}: {listing}."
+                f"{_suggest(key, known)} Run `bnexp config` to see the whole config."
+            )
+
+
+def _omegaconf_error(exc: BaseException) -> ConfigError | None:
+    """Translate OmegaConf's type errors (found anywhere in the cause chain) into a ConfigError."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
+            value = getattr(seen, "value", None)
+            msg = str(getattr(seen, "msg", seen)).splitlines()[0]
+            return ConfigError(f"{seen.full_key}={value}: {msg}.")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def compose(overrides: Sequence[str] = (), check: bool = True) -> DictConfig:
+    """Compose the config as Hydra would for `bnexp train`, without running anything."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    register()
+    overrides = [o for o in overrides if not o.startswith("hydra.") and not o.startswith("-")]
+    if check:
+        check_overrides(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=list(overrides))
+    except HydraException as exc:
+        raise _omegaconf_error(exc) or ConfigError(" ".join(str(exc).split())) from None
+    except Exception as exc:
+        translated = _omegaconf_error(exc)
+        if translated is None:
+            raise
+        raise translated from None
+    finally:
+        GlobalHydra.instance().clear()
+    if check:
+        validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _one_of(choices: Sequence[Any]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.name": _one_of(DATASETS),
+    "data.val_fraction": (lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
+    "data.train_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
+    "model.name": _one_of(MODELS),
+    "model.depth": (_positive_int, "an integer >= 1"),
+    "model.width": (_positive_int, "an integer >= 1"),
+    "model.norm": _one_of(NORMS),
+    "model.activation": _one_of(ACTIVATIONS),
+    "model.norm_position": _one_of(NORM_POSITIONS),
+    "model.bn_momentum": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "model.bn_eps": (lambda v: v > 0, "a number > 0"),
+    "model.init": _one_of(INITS),
+    "model.init_std": (lambda v: v > 0, "a number > 0"),
+    "optim.name": _one_of(OPTIMIZERS),
+    "optim.lr": (lambda v: v > 0 and v == v and v != float("inf"), "a finite number > 0"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "optim.beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.schedule": _one_of(SCHEDULES),
+    "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "optim.step_size": (_positive_int, "an integer >= 1"),
+    "optim.gamma": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "trainer.epochs": (_positive_int, "an integer >= 1"),
+    "trainer.steps": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
+    "trainer.batch_size": (_positive_int, "an integer >= 1"),
+    "trainer.eval_every": (_positive_int, "an integer >= 1 (steps)"),
+    "trainer.eval_batch_size": (_positive_int, "an integer >= 1"),
+    "trainer.log_every": (_positive_int, "an integer >= 1 (steps)"),
+    "trainer.precision": _one_of(PRECISIONS),
+    "trainer.threads": (
+        lambda v: v == "auto" or (str(v).isdigit() and int(v) >= 1),
+        "auto or an integer >= 1",
+    ),
+    "trainer.progress": _one_of(PROGRESS),
+    "device": (
+        lambda v: v in ("auto", "cpu", "cuda", "mps")
+        or (v.startswith("cuda:") and v[5:].isdigit()),
+        "auto, cpu, cuda, cuda:N or mps",
+    ),
+    "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+}
+
+
+def fail(key: str, value: Any, allowed: str, why: str = "") -> ConfigError:
+    text = f"Invalid value for {key}: {value!r}. Allowed: {allowed}."
+    return ConfigError(f"{text} {why}".strip())
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value against RULES and the cross-key rules; raise the first ConfigError."""
+    from omegaconf import OmegaConf
+
+    for key, (ok, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key)
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise fail(key, value, allowed)
+    m, t = cfg.model, cfg.trainer
+    if m.affine and m.norm == "none":
+        raise fail(
+            "model.affine", True, "false or null when model.norm=none",
+            "Affine gamma/beta belong to the norm layer; with model.norm=none there is none. "
+            "Drop model.affine or set model.norm=batch.",
+        )
+    if m.name == "resnet" and (m.depth - 2) % 6:
+        raise fail("model.depth", m.depth, "6n+2 for model=resnet (20, 32, 44, 56, 110)")
+    if m.name == "vgg" and m.depth not in VGG_DEPTHS:
+        raise fail("model.depth", m.depth, "one of 11, 13, 16, 19 for model=vgg")
+    if m.norm != "none" and t.batch_size == 1:
+        raise fail(
+            "trainer.batch_size", 1, "an integer >= 2 with model.norm=batch",
+            "BatchNorm in training normalizes each feature over the batch, and the variance of "
+            "one sample is zero. Use trainer.batch_size=2 or more, or model.norm=none.",
+        )
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise fail("optim.nesterov", True, "false when optim.momentum=0",
+                   "Nesterov momentum needs optim.momentum > 0.")
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain data, without Hydra's own node."""
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    out.pop("hydra", None)
+    return out
+
+
+def outputs_root() -> Path:
+    return Path(os.environ.get("BNEXP_OUTPUTS", "outputs"))

@@ -1,0 +1,115 @@
+"""Where a run computes: the device, the CPU thread policy, seeding, and the environment record."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bnexp.config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto = cuda, else mps, else cpu. An explicit accelerator that is absent is an error:
+    a silent CPU fallback would turn a GPU benchmark into a misleading CPU one."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"Invalid value for device: {name!r}. No CUDA device is available on this "
+                f"machine (torch {torch.__version__}, CUDA build: {torch.version.cuda}). "
+                f"Use device=cpu or device=auto."
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"Invalid value for device: {name!r}. This machine has "
+                f"{torch.cuda.device_count()} CUDA device(s): cuda:0..cuda:"
+                f"{torch.cuda.device_count() - 1}."
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("Invalid value for device: 'mps'. MPS is not available here; "
+                          "use device=cpu or device=auto.")
+    return torch.device(name)
+
+
+def _busy_cores(window: float = 0.05) -> float:
+    """Cores kept busy by other processes, sampled from /proc/stat over a short window."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
+def choose_threads(setting: str, model_name: str) -> int:
+    """The CPU thread count for a run.
+
+    Measured on 2 cores (docs/performance.md): a 784-100-100-100-10 MLP step at batch 64 takes
+    1.7 ms with 1 thread vs 3.0 ms with 2 on an idle machine, and 1.6 vs 13.7 ms beside a busy
+    process; the small CNN gains from 2 threads only when the other core is idle (55 vs 72 ms;
+    157 vs 97 ms when it is busy). So: MLPs use 1 thread, conv nets use the idle cores.
+    """
+    if setting != "auto":
+        return int(setting)
+    cores = os.cpu_count() or 1
+    if model_name == "mlp" or cores == 1:
+        return 1
+    return max(1, min(cores, round(cores - _busy_cores())))
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device, threads: int) -> dict:
+    """What a reader needs to reproduce or compare a run's numbers."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "device": str(device),
+        "device_name": name,
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+    }

@@ -1,0 +1,190 @@
+"""The networks, all built from one block factory that holds every normalization knob.
+
+`Knobs` is read once from `cfg.model`; `block()` is the only place where a norm layer or an
+activation is created, so an ablation (norm, affine, activation, position, init) applies to every
+architecture the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Knobs:
+    norm: str = "batch"
+    affine: bool = True
+    activation: str = "relu"
+    norm_position: str = "before_act"
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+
+    @classmethod
+    def from_config(cls, m: DictConfig) -> Knobs:
+        affine = m.norm != "none" if m.affine is None else bool(m.affine)
+        return cls(m.norm, affine, m.activation, m.norm_position, m.bn_momentum, m.bn_eps)
+
+    @property
+    def has_norm(self) -> bool:
+        return self.norm != "none"
+
+    @property
+    def layer_bias(self) -> bool:
+        # A norm right after the layer subtracts the mean, so a bias there is wasted: beta
+        # takes its place (Ioffe & Szegedy 2015, section 3.2).
+        return not (self.has_norm and self.norm_position == "before_act")
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+def norm_layer(knobs: Knobs, features: int, spatial: bool) -> nn.Module:
+    if knobs.norm == "batch":
+        cls = nn.BatchNorm2d if spatial else nn.BatchNorm1d
+        return cls(features, eps=knobs.bn_eps, momentum=knobs.bn_momentum, affine=knobs.affine)
+    if knobs.norm == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {knobs.norm!r}")
+
+
+def block(layer: nn.Module, features: int, knobs: Knobs, spatial: bool,
+          act: bool = True) -> nn.Sequential:
+    """layer -> norm -> act (before_act) or layer -> act -> norm (after_act); act=False gives
+    layer -> norm, as at the end of a residual branch. Identity layers are left out."""
+    parts: list[nn.Module] = [layer]
+    norm = [norm_layer(knobs, features, spatial)] if knobs.has_norm else []
+    activation = [ACTIVATIONS[knobs.activation]()] if act else []
+    if knobs.norm_position == "before_act" or not act:
+        parts += norm + activation
+    else:
+        parts += activation + norm
+    return nn.Sequential(*parts)
+
+
+def linear_block(n_in: int, n_out: int, knobs: Knobs, act: bool = True) -> nn.Sequential:
+    return block(nn.Linear(n_in, n_out, bias=knobs.layer_bias), n_out, knobs, False, act)
+
+
+def conv_block(c_in: int, c_out: int, knobs: Knobs, kernel: int = 3, stride: int = 1,
+               act: bool = True) -> nn.Sequential:
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=knobs.layer_bias)
+    return block(conv, c_out, knobs, True, act)
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+class MLP(nn.Sequential):
+    def __init__(self, in_shape: tuple[int, ...], classes: int, depth: int, width: int,
+                 knobs: Knobs):
+        n_in = int(torch.tensor(in_shape).prod())
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i in range(depth):
+            layers.append(linear_block(n_in if i == 0 else width, width, knobs))
+        layers.append(nn.Linear(width, classes))
+        super().__init__(*layers)
+
+
+class CNN(nn.Sequential):
+    """depth stages of two 3x3 conv blocks + 2x2 max-pool; channels double per stage."""
+
+    def __init__(self, in_shape: tuple[int, ...], classes: int, depth: int, width: int,
+                 knobs: Knobs):
+        layers: list[nn.Module] = []
+        c_in = in_shape[0]
+        for stage in range(depth):
+            c_out = width * 2**stage
+            layers += [conv_block(c_in, c_out, knobs), conv_block(c_out, c_out, knobs),
+                       nn.MaxPool2d(2)]
+            c_in = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+        super().__init__(*layers)
+
+
+VGG_STAGES = {  # convs per stage; channels width, 2w, 4w, 8w, 8w
+    11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4),
+}
+
+
+class VGG(nn.Sequential):
+    """VGG for 32x32 inputs (Santurkar et al. 2018 used VGG on CIFAR-10); 28x28 works too."""
+
+    def __init__(self, in_shape: tuple[int, ...], classes: int, depth: int, width: int,
+                 knobs: Knobs):
+        layers: list[nn.Module] = []
+        c_in = in_shape[0]
+        for stage, convs in enumerate(VGG_STAGES[depth]):
+            c_out = width * min(2**stage, 8)
+            for _ in range(convs):
+                layers.append(conv_block(c_in, c_out, knobs))
+                c_in = c_out
+            # ceil_mode keeps 28x28 inputs alive through five poolings.
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+        super().__init__(*layers)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, knobs: Knobs):
+        super().__init__()
+        self.branch = nn.Sequential(
+            conv_block(c_in, c_out, knobs, stride=stride),
+            conv_block(c_out, c_out, knobs, act=False),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = conv_block(c_in, c_out, knobs, kernel=1, stride=stride, act=False)
+        self.act = ACTIVATIONS[knobs.activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.branch(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016): depth = 6n + 2, three stages of n basic blocks."""
+
+    def __init__(self, in_shape: tuple[int, ...], classes: int, depth: int, width: int,
+                 knobs: Knobs):
+        super().__init__()
+        n = (depth - 2) // 6
+        layers: list[nn.Module] = [conv_block(in_shape[0], width, knobs)]
+        c_in = width
+        for stage in range(3):
+            c_out = width * 2**stage
+            for i in range(n):
+                layers.append(BasicBlock(c_in, c_out, 2 if stage and i == 0 else 1, knobs))
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+NETWORKS = {"mlp": MLP, "cnn": CNN, "vgg": VGG, "resnet": ResNet}
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """The paper's init: N(0, std^2) weights, zero biases (norm layers keep gamma=1, beta=0)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def build(m: DictConfig, in_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """The network named by the `model` config, for inputs of in_shape (C, H, W)."""
+    model = NETWORKS[m.name](in_shape, classes, m.depth, m.width, Knobs.from_config(m))
+    if m.init == "normal":
+        init_weights(model, m.init_std)
+    return model
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(n, mod) for n, mod in model.named_modules()
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm)]

@@ -1,0 +1,106 @@
+"""Config composition and validation, through the real Hydra configs and the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bnexp.cli import app
+from bnexp.config import GROUPS, ConfigError, compose, default_options, group_options
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
+    extra = ["model.depth=20"] if (group, option) == ("model", "resnet") else []
+    cfg = compose([f"{group}={option}", *extra])
+    assert cfg[group] is not None
+    if group in ("data", "model", "optim"):
+        assert cfg[group].name == option
+
+
+def test_defaults_are_the_offline_dataset_and_the_paper_knobs() -> None:
+    cfg = compose([])
+    assert default_options() == {"data": "mnist5k", "model": "mlp", "optim": "sgd",
+                                 "trainer": "default"}
+    assert cfg.model.norm == "batch" and cfg.model.norm_position == "before_act"
+
+
+BAD = [
+    (["model=foo"], "model=foo", "cnn, mlp, resnet, vgg"),
+    (["model.nrom=batch"], "model.nrom", "Did you mean model.norm?"),
+    (["optim.lr=abc"], "optim.lr", "abc"),
+    (["optim.lr=-1"], "optim.lr", "> 0"),
+    (["optim.lr=0"], "optim.lr", "> 0"),
+    (["model.norm=group"], "model.norm", "batch, none"),
+    (["model.activation=gelu"], "model.activation", "relu, sigmoid, tanh"),
+    (["model.norm=none", "model.affine=true"], "model.affine", "model.norm=none"),
+    (["trainer.batch_size=1"], "trainer.batch_size", "variance of one sample"),
+    (["trainer.threads=lots"], "trainer.threads", "auto or an integer"),
+    (["device=tpu"], "device", "cuda:N"),
+    (["model=resnet", "model.depth=21"], "model.depth", "6n+2"),
+    (["trainer.epochs=0"], "trainer.epochs", ">= 1"),
+    (["optim.lr=[1"], "optim.lr=[1", "grammar"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,allowed", BAD)
+def test_bad_override_is_a_config_error_naming_key_and_allowed(overrides, key, allowed) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    message = str(info.value)
+    assert key in message and allowed in message
+    assert "\n" not in message  # one paragraph
+
+
+@pytest.mark.parametrize("overrides,key,allowed", BAD)
+def test_bad_override_exits_2_and_writes_nothing(overrides, key, allowed, isolated: Path) -> None:
+    result = runner.invoke(app, ["train", *overrides])
+    assert result.exit_code == 2, result.output
+    assert key in result.output
+    assert not (isolated / "outputs").exists()
+
+
+def test_cuda_without_a_gpu_is_an_error_not_a_cpu_run(isolated: Path) -> None:
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or cuda:0 on CPU
+    result = runner.invoke(app, ["train", f"device={device}"])
+    assert result.exit_code == 2
+    assert "device" in result.output and "CUDA" in result.output
+    assert not (isolated / "outputs").exists()
+
+
+def test_batch_larger_than_training_set_is_an_error(isolated: Path) -> None:
+    result = runner.invoke(app, ["train", "trainer.batch_size=100000"])
+    assert result.exit_code == 2
+    assert "trainer.batch_size" in result.output and "4000" in result.output
+    assert not (isolated / "outputs").exists()
+
+
+def test_config_command_prints_the_resolved_config_with_overrides() -> None:
+    result = runner.invoke(app, ["config", "model.norm=none", "optim.lr=0.5", "seed=3"])
+    assert result.exit_code == 0, result.output
+    assert "norm: none" in result.output and "lr: 0.5" in result.output
+    assert "seed: 3" in result.output and "${" not in result.output
+
+
+def test_list_shows_every_group_option_and_marks_defaults() -> None:
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for group in GROUPS:
+        for option in group_options(group):
+            assert option in result.output
+    assert "* mnist5k" in result.output and "* mlp" in result.output
+
+
+def test_train_help_lists_groups_options_and_knobs() -> None:
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    text = result.output
+    for needle in ("data=", "mnist5k", "model=", "resnet", "model.norm", "optim.lr",
+                   "trainer.batch_size", "hydra.run.dir"):
+        assert needle in text

@@ -1,0 +1,94 @@
+"""End-to-end runs through the CLI, exactly as a user types them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
+
+from bnexp.cli import app
+
+runner = CliRunner()
+QUICK = ["trainer.progress=plain", "device=cpu"]
+
+
+def train(*overrides: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["train", *QUICK, *overrides])
+    return result.exit_code, result.output
+
+
+def test_one_epoch_run_writes_everything_and_learns(isolated: Path) -> None:
+    run_dir = isolated / "run"
+    code, out = train("trainer.epochs=1", f"hydra.run.dir={run_dir}")
+    assert code == 0, out
+    assert str(run_dir) in out and "tensorboard --logdir" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    m = summary["metrics"]
+    assert m["final_val_acc"] > 0.8
+    for key in ("best_val_acc", "final_val_loss", "final_train_loss", "steps",
+                "wall_seconds", "samples_per_second"):
+        assert m[key] is not None and m[key] >= 0
+    assert m["steps"] == 4000 // 64
+    assert summary["config"]["model"]["norm"] == "batch"
+    for key in ("python", "torch", "cuda", "device_name", "threads", "git_commit"):
+        assert key in summary["env"]
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert overrides == [*QUICK, "trainer.epochs=1"]
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["seed"] == 0
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "train/lr",
+            "perf/samples_per_sec"} <= tags
+    assert events.Scalars("val/acc")[-1].value == pytest.approx(m["final_val_acc"])
+    ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
+    assert ckpt["step"] == m["steps"] and "model" in ckpt and "optimizer" in ckpt
+    assert ckpt["config"] == summary["config"]
+
+
+def test_run_directory_is_named_by_overrides_under_outputs(isolated: Path) -> None:
+    code, out = train("trainer=debug", "model.norm=none", "seed=3")
+    assert code == 0, out
+    (run_dir,) = (isolated / "outputs" / "runs").iterdir()
+    assert run_dir.name.endswith("_model.norm=none,seed=3,trainer=debug")
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(isolated: Path) -> None:
+    def metrics(seed: int, name: str) -> dict:
+        code, out = train("trainer=debug", f"seed={seed}", f"hydra.run.dir={isolated / name}")
+        assert code == 0, out
+        m = json.loads((isolated / name / "summary.json").read_text())["metrics"]
+        return {k: v for k, v in m.items() if "second" not in k}
+
+    a, b, c = metrics(0, "a"), metrics(0, "b"), metrics(1, "c")
+    assert a == b
+    assert a != c
+
+
+def test_divergence_is_a_result_not_a_crash(isolated: Path) -> None:
+    run_dir = isolated / "boom"
+    code, out = train("model.norm=none", "optim.lr=1e6", "trainer=debug", "trainer.log_every=1",
+                      f"hydra.run.dir={run_dir}")
+    assert code == 0, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert summary["metrics"]["diverged_at_step"] < 20
+    assert summary["metrics"]["steps"] == summary["metrics"]["diverged_at_step"]
+
+
+def test_ablation_overrides_reach_the_trained_model(isolated: Path) -> None:
+    run_dir = isolated / "sig"
+    code, out = train("model.norm=none", "model.activation=sigmoid", "optim.lr=0.5", "seed=3",
+                      "trainer=debug", "trainer.checkpoint=true", f"hydra.run.dir={run_dir}")
+    assert code == 0, out
+    state = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)["model"]
+    assert not any("running_mean" in k for k in state)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["config"]["optim"]["lr"] == 0.5 and summary["config"]["seed"] == 3
