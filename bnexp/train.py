@@ -215,6 +215,9 @@ def metrics_of(h: History, steps: int, wall: float) -> dict:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as configured, record into run_dir and return the summary (also on failure)."""
     run_dir = Path(run_dir)
+    # The first optimizer built in a process imports torch._dynamo (~3 s here): pay that before
+    # the clock starts, so that wall_seconds measures the run and not Python's imports.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])
     started = time.perf_counter()
     config = resolved(cfg)
     device, ds = preflight(cfg)
@@ -226,7 +229,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model = models.build(cfg.model, ds.in_shape, ds.num_classes).to(device)
     record.write_summary(run_dir, "running", config, {}, env)
     trainer = Trainer(cfg, run_dir, device, ds, model)
-    log.info("bnexp: %s, %s (norm=%s, activation=%s), %s lr=%g, %d steps on %s (%d threads)",
+    log.info("bnexp: %s, %s (norm=%s, activation=%s), %s lr=%g, %d steps on %s, threads=%d",
              cfg.data.name, cfg.model.name, cfg.model.norm, cfg.model.activation,
              cfg.optim.name, cfg.optim.lr, trainer.total_steps, device, threads)
     status, error = "completed", None
