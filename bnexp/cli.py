@@ -172,5 +172,50 @@ def list_(group: str = typer.Argument(None, help="Only this group: data, model, 
             typer.echo(f"  {mark} {option:<14} {describe_option(g, option)}")
 
 
+@app.command()
+def inspect(run: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
+            json_out: bool = typer.Option(False, "--json", help="Print the BN report as JSON."),
+            ) -> None:
+    """Print a trained model and, for each BN layer, its settings and statistics."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from bnexp.probes import bn_report
+    from bnexp.train import load_model
+
+    try:
+        model, ckpt = load_model(run)
+    except FileNotFoundError as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    rows = bn_report(model)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{run}[/bold]  step {ckpt['step']}")
+    console.print(model)
+    if not rows:
+        console.print("No BatchNorm layers (model.norm=none).")
+        return
+    table = Table(title="BatchNorm layers: settings, and mean / std / min / max of each tensor")
+    for col in ("layer", "features", "eps", "momentum", "affine", "tracks", "batches",
+                "running_mean", "running_var", "gamma", "beta"):
+        table.add_column(col)
+
+    def fmt(st: dict | None) -> str:
+        return "—" if st is None else " / ".join(f"{st[k]:.3g}" for k in
+                                                 ("mean", "std", "min", "max"))
+
+    for r in rows:
+        table.add_row(r["layer"], str(r["num_features"]), f"{r['eps']:g}", str(r["momentum"]),
+                      str(r["affine"]), str(r["track_running_stats"]),
+                      str(r["num_batches_tracked"]), fmt(r["running_mean"]),
+                      fmt(r["running_var"]), fmt(r["gamma"]), fmt(r["beta"]))
+    console.print(table)
+
+
 def main() -> None:
     app()

@@ -105,6 +105,22 @@ class TrainerConfig:
     deterministic: bool = False
     checkpoint: bool = True
     progress: str = "auto"
+    # Convergence target for steps_to_target; None = the dataset's default (0.9 for mnist5k).
+    target_acc: float | None = None
+    # Divergence: a non-finite loss, or a loss above factor x chance loss for patience log points.
+    divergence_factor: float = 1.5
+    divergence_patience: int = 3
+    # A loss spike is a logged loss above spike_ratio x the median of the 10 before it.
+    spike_ratio: float = 2.0
+    # One switch for the costly diagnostics (per-layer norms, activation percentiles and
+    # histograms, BN histograms, batch-size-1 evaluation); the summary metrics stay.
+    diagnostics: bool = True
+    diagnostics_every: int = 50
+    histogram_every: int = 250
+    probe_batch_size: int = 256
+    # Loss-landscape probes (Santurkar et al. 2018) every N steps; 0 = off.
+    probe_every: int = 0
+    probe_step_sizes: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
 
 
 @dataclass
@@ -336,6 +352,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "auto or an integer >= 1",
     ),
     "trainer.progress": _one_of(PROGRESS),
+    "trainer.target_acc": (lambda v: v is None or 0 < v <= 1, "null or a fraction in (0, 1]"),
+    "trainer.divergence_factor": (lambda v: v > 1, "a number > 1"),
+    "trainer.divergence_patience": (_positive_int, "an integer >= 1"),
+    "trainer.spike_ratio": (lambda v: v > 1, "a number > 1"),
+    "trainer.diagnostics_every": (_positive_int, "an integer >= 1 (steps)"),
+    "trainer.histogram_every": (_positive_int, "an integer >= 1 (steps)"),
+    "trainer.probe_batch_size": (lambda v: _positive_int(v) and v >= 2, "an integer >= 2"),
+    "trainer.probe_every": (lambda v: isinstance(v, int) and v >= 0, "0 (off) or steps >= 1"),
+    "trainer.probe_step_sizes": (
+        lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of numbers > 0"),
     "device": (
         lambda v: v in ("auto", "cpu", "cuda", "mps")
         or (v.startswith("cuda:") and v[5:].isdigit()),

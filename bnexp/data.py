@@ -108,7 +108,8 @@ def _mnist5k(cfg: DictConfig) -> tuple[np.ndarray, ...]:
     is_val = np.zeros(len(y), dtype=bool)
     is_val[np.concatenate(val_idx)] = True
     train_idx = rng.permutation(np.flatnonzero(~is_val))
-    return x[train_idx], y[train_idx], x[is_val], y[is_val]
+    val_idx = rng.permutation(np.flatnonzero(is_val))  # not class-sorted: batches see all classes
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
 
 def _torchvision_class(name: str) -> type:

@@ -80,7 +80,63 @@ def save_checkpoint(run_dir: Path, state: dict, name: str = FINAL_CHECKPOINT) ->
     return path
 
 
-class Scalars:
+# One fixed set of hparam keys for every run, so that all runs share one HParams table.
+HPARAM_KEYS = (
+    "data.name", "model.name", "model.depth", "model.width", "model.norm", "model.affine",
+    "model.activation", "model.norm_position", "model.init", "optim.name", "optim.lr",
+    "optim.momentum", "optim.weight_decay", "optim.schedule", "trainer.batch_size",
+    "trainer.epochs", "trainer.precision", "seed",
+)
+# Metric tags live under hparams/ so they never clash with the curves (train/loss, val/acc...).
+HPARAM_METRICS = (
+    "final_val_acc", "best_val_acc", "final_train_loss", "steps_to_target", "train_loss_auc",
+    "diverged", "loss_spikes", "grad_norm_max", "val_acc_eval_mode", "val_acc_train_mode",
+    "train_eval_gap",
+)
+LAYOUT = {
+    "bnexp (all runs overlaid)": {
+        "train loss": ["Multiline", [r"^train/loss$"]],
+        "val accuracy": ["Multiline", [r"^val/acc$"]],
+        "activation-input percentiles (15/50/85)": ["Multiline", [r"^act_input/.*/p\d+$"]],
+        "saturated fraction": ["Multiline", [r"^saturation/"]],
+        "gradient norm": ["Multiline", [r"^train/grad_norm$"]],
+    },
+}
+
+
+def hparam_values(config: dict) -> dict[str, float | str | bool]:
+    """The HPARAM_KEYS of a resolved config, with None as the string 'none' (TensorBoard's
+    hparams accept numbers, strings and booleans only)."""
+    out = {}
+    for key in HPARAM_KEYS:
+        value: Any = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[key] = "none" if value is None else value
+    return out
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint from its file or from a run directory (its final checkpoint)."""
+    import torch
+
+    path = Path(path)
+    file = path / CHECKPOINTS / FINAL_CHECKPOINT if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint file nor a run directory with "
+            f"{CHECKPOINTS}/{FINAL_CHECKPOINT} (runs with trainer.checkpoint=false keep none)."
+        )
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise FileNotFoundError(f"{file} could not be read as a checkpoint: {exc}") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        raise FileNotFoundError(f"{file} is not a bnexp checkpoint (no model or config).")
+    return ckpt
+
+
+class Events:
     """TensorBoard event writer for one run, writing into the run directory itself so that
     `tensorboard --logdir outputs` lists each run under its own readable name."""
 
@@ -88,10 +144,29 @@ class Scalars:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=30)
+        self.writer.add_custom_scalars(LAYOUT)
 
-    def log(self, step: int, values: Mapping[str, float]) -> None:
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def histograms(self, step: int, tensors: Mapping[str, Any]) -> None:
+        for tag, tensor in tensors.items():
+            if tensor.isfinite().all():  # TensorBoard rejects NaN bins; a NaN is in the scalars
+                self.writer.add_histogram(tag, tensor.detach().float().cpu(), step)
+
+    def hparams(self, step: int, config: dict, metrics: Mapping[str, Any]) -> None:
+        """One HParams entry in this run's own event file (SummaryWriter.add_hparams would
+        make a timestamped sub-run instead), plus the metric values as hparams/ scalars."""
+        from torch.utils.tensorboard.summary import hparams
+
+        values = {k: float(metrics[k]) for k in HPARAM_METRICS
+                  if isinstance(metrics.get(k), (int, float))}
+        exp, ssi, sei = hparams(hparam_values(config),
+                                {f"hparams/{k}": 0.0 for k in HPARAM_METRICS})
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+        self.scalars(step, {f"hparams/{k}": v for k, v in values.items()})
 
     def close(self) -> None:
         self.writer.flush()

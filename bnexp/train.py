@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from bnexp import data, models, record
+from bnexp import data, metrics, models, probes, record
 from bnexp.config import ConfigError, resolved
 from bnexp.device import choose_threads, environment, resolve_device, seed_everything
 
@@ -72,15 +72,19 @@ def lr_factor(o: DictConfig, total_steps: int) -> Callable[[int], float]:
 
 @dataclass
 class History:
-    """What the loop observed, read back by the summary (and by later metrics)."""
+    """What the loop observed; `summarize` turns it into the summary's metrics."""
 
     val_acc: list[tuple[int, float]] = field(default_factory=list)
     val_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_wall: list[tuple[int, float]] = field(default_factory=list)  # seconds since start
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     train_acc: list[tuple[int, float]] = field(default_factory=list)
+    landscape: list[tuple[int, dict]] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)  # every step
     train_seconds: float = 0.0
     samples: int = 0
     diverged_at_step: int | None = None
+    diverged_reason: str | None = None
 
 
 @torch.inference_mode()
@@ -112,10 +116,17 @@ class Trainer:
             self.optimizer, lr_factor(cfg.optim, self.total_steps))
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.autocast = self.t.precision == "bf16"
-        self.scalars = record.Scalars(run_dir)
+        self.events = record.Events(run_dir)
         self.history = History()
         self.step = 0
         self.progress = Progress(self.t.progress, self.total_steps, self.steps_per_epoch)
+        self.divergence_bound = self.t.divergence_factor * metrics.chance_loss(ds.num_classes)
+        n_probe = min(self.t.probe_batch_size, len(ds.y_train))
+        self.probe_x = self.inputs(ds.x_train[:n_probe])  # fixed: same samples at every probe
+        self.probe_y = ds.y_train[:n_probe]
+        self.grad_norms = torch.zeros(self.total_steps, device=device)
+        self.started = time.perf_counter()
+        self.off_clock = 0.0  # seconds spent on eval and probes inside the current log window
 
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.ds.x_train[idx]
@@ -127,6 +138,10 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # Global gradient norm, kept on the device: read back once at the end of the run.
+        self.grad_norms[self.step] = torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm(grads)))
         self.optimizer.step()
         self.scheduler.step()
         return loss.detach(), (logits.argmax(1) == y).sum()
@@ -146,55 +161,101 @@ class Trainer:
             self.step += 1
             last = self.step == self.total_steps
             if self.step % t.log_every == 0 or last:
-                seconds = time.perf_counter() - window_start
-                mean_loss = loss_sum.item() / window_steps  # the only host sync per window
-                samples = window_steps * t.batch_size
-                self.history.train_seconds += seconds
-                self.history.samples += samples
-                acc = correct.item() / samples
-                self.history.train_loss.append((self.step, mean_loss))
-                self.history.train_acc.append((self.step, acc))
-                self.scalars.log(self.step, {
-                    "train/loss": mean_loss, "train/acc": acc,
-                    "train/lr": self.scheduler.get_last_lr()[0],
-                    "perf/samples_per_sec": samples / max(seconds, 1e-9),
-                })
-                self.progress.update(self.step, epoch, loss=mean_loss,
-                                     sps=samples / max(seconds, 1e-9))
-                if not math.isfinite(mean_loss):
-                    self.history.diverged_at_step = self.step
+                seconds = time.perf_counter() - window_start - self.off_clock
+                if not self.log_window(epoch, loss_sum, correct, window_steps, seconds):
                     return False
                 loss_sum.zero_()
                 correct.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                window_steps, window_start, self.off_clock = 0, time.perf_counter(), 0.0
             if self.step % t.eval_every == 0 or last:
-                eval_start = time.perf_counter()
-                self.evaluate_and_log(epoch)
-                window_start += time.perf_counter() - eval_start  # eval is not training time
+                self.timed_off_clock(self.evaluate_and_log, epoch)
+            self.timed_off_clock(self.diagnose, last)
             if last:
                 return False
         return True
 
+    def log_window(self, epoch: int, loss_sum: torch.Tensor, correct: torch.Tensor,
+                   steps: int, seconds: float) -> bool:
+        """Read the window's accumulators (the only host sync of the window), log them, and
+        check for divergence; False if the run diverged."""
+        h, samples = self.history, steps * self.t.batch_size
+        mean_loss = loss_sum.item() / steps
+        acc = correct.item() / samples
+        h.train_seconds += seconds
+        h.samples += samples
+        h.train_loss.append((self.step, mean_loss))
+        h.train_acc.append((self.step, acc))
+        window_grads = self.grad_norms[self.step - steps : self.step]
+        sps = samples / max(seconds, 1e-9)
+        self.events.scalars(self.step, {
+            "train/loss": mean_loss, "train/acc": acc,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": window_grads.max().item(),
+            "perf/samples_per_sec": sps,
+        })
+        self.progress.update(self.step, epoch, loss=mean_loss, sps=sps)
+        patience = self.t.divergence_patience
+        at, why = metrics.divergence(h.train_loss[-patience:], self.divergence_bound, patience)
+        if at is not None:
+            h.diverged_at_step, h.diverged_reason = at, why
+            log.info("bnexp: diverged at step %d (%s)", at, why)
+            return False
+        return True
+
+    def timed_off_clock(self, fn: Callable, *args: object) -> None:
+        start = time.perf_counter()
+        fn(*args)
+        self.off_clock += time.perf_counter() - start  # evaluation is not training time
+
     def evaluate_and_log(self, epoch: int) -> None:
         loss, acc = evaluate(self.model, self.ds.x_val, self.ds.y_val, self.inputs,
                              self.t.eval_batch_size)
-        self.history.val_loss.append((self.step, loss))
-        self.history.val_acc.append((self.step, acc))
-        self.scalars.log(self.step, {"val/loss": loss, "val/acc": acc})
+        h = self.history
+        h.val_loss.append((self.step, loss))
+        h.val_acc.append((self.step, acc))
+        h.val_wall.append((self.step, time.perf_counter() - self.started))
+        self.events.scalars(self.step, {"val/loss": loss, "val/acc": acc})
         self.progress.update(self.step, epoch, val_acc=acc)
 
+    def diagnose(self, last: bool = False) -> None:
+        """Diagnostics at their cadences (step 0 included, as the baseline)."""
+        t, step = self.t, self.step
+        if t.diagnostics and (step % t.diagnostics_every == 0 or last):
+            inputs = probes.activation_inputs(self.model, self.probe_x)
+            values = probes.activation_scalars(inputs, self.cfg.model.activation)
+            if step > 0:
+                values.update(probes.layer_norms(self.model))
+            self.events.scalars(step, values)
+            if step % t.histogram_every == 0 or last:
+                self.events.histograms(step, {f"act_input/{k}": v for k, v in inputs.items()})
+                self.events.histograms(step, probes.bn_tensors(self.model))
+        if t.probe_every and (step % t.probe_every == 0 or last):
+            found = probes.landscape(self.model, self.probe_x, self.probe_y,
+                                     tuple(lr * self.cfg.optim.lr for lr in t.probe_step_sizes))
+            self.history.landscape.append((step, found))
+            self.events.scalars(step, {f"landscape/{k}": v for k, v in found.items()})
+
     def fit(self) -> None:
+        self.diagnose()
         epoch = 0
         while self.train_one_epoch(epoch + 1):
             epoch += 1
 
     def checkpoint_state(self, config: dict) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "config": config, "step": self.step}
+                "scheduler": self.scheduler.state_dict(), "config": config, "step": self.step,
+                "in_shape": list(self.ds.in_shape), "num_classes": self.ds.num_classes}
 
 
-def metrics_of(h: History, steps: int, wall: float) -> dict:
+def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per_epoch: int,
+              target: float, wall: float) -> dict:
+    """The summary's metrics from the history (all arithmetic lives in bnexp.metrics)."""
     last = lambda seq: seq[-1][1] if seq else None  # noqa: E731
+    reached = metrics.steps_to_target(h.val_acc, target)
+    landscape = {}
+    for key in ("loss_range", "grad_change_max", "beta_smoothness"):
+        values = [found[key] for _, found in h.landscape]
+        landscape[f"landscape_{key}"] = max(values) if values else None  # worst over probes
     return {
         "final_val_acc": last(h.val_acc),
         "best_val_acc": max((a for _, a in h.val_acc), default=None),
@@ -202,7 +263,22 @@ def metrics_of(h: History, steps: int, wall: float) -> dict:
         "final_train_loss": last(h.train_loss),
         "final_train_acc": last(h.train_acc),
         "steps": steps,
+        "target_acc": target,
+        "steps_to_target": reached,
+        "epochs_to_target": reached / steps_per_epoch if reached is not None else None,
+        "seconds_to_target": dict(h.val_wall).get(reached) if reached is not None else None,
+        "train_loss_auc": metrics.mean_value(h.train_loss),
+        "val_acc_at_25pct": metrics.value_at_fraction(h.val_acc, total_steps, 0.25),
+        "val_acc_at_50pct": metrics.value_at_fraction(h.val_acc, total_steps, 0.5),
+        "val_acc_at_100pct": metrics.value_at_fraction(h.val_acc, total_steps, 1.0),
+        "diverged": h.diverged_at_step is not None,
         "diverged_at_step": h.diverged_at_step,
+        "diverged_reason": h.diverged_reason,
+        "loss_spikes": metrics.loss_spikes(h.train_loss, t.spike_ratio),
+        "loss_std_tail": metrics.tail_std(h.train_loss, 0.1),
+        "grad_norm_max": max(h.grad_norms) if h.grad_norms else None,
+        "grad_norm_median": metrics.median(h.grad_norms),
+        **landscape,
         "wall_seconds": wall,
         "train_seconds": h.train_seconds,
         "samples_per_second": h.samples / h.train_seconds if h.train_seconds else None,
@@ -219,8 +295,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # the clock starts, so that wall_seconds measures the run and not Python's imports.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])
     started = time.perf_counter()
-    config = resolved(cfg)
     device, ds = preflight(cfg)
+    config = resolved(cfg)
+    # Record the values that ran, not the "auto" placeholders.
+    config["model"]["affine"] = models.Knobs.from_config(cfg.model).affine
+    target = cfg.trainer.target_acc or data.SPECS[cfg.data.name].target_acc
+    config["trainer"]["target_acc"] = target
     threads = choose_threads(str(cfg.trainer.threads), cfg.model.name)
     torch.set_num_threads(threads)
     env = environment(device, threads)
@@ -232,7 +312,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("bnexp: %s, %s (norm=%s, activation=%s), %s lr=%g, %d steps on %s, threads=%d",
              cfg.data.name, cfg.model.name, cfg.model.norm, cfg.model.activation,
              cfg.optim.name, cfg.optim.lr, trainer.total_steps, device, threads)
-    status, error = "completed", None
+    status, error, notes = "completed", None, {}
     try:
         with trainer.progress:
             trainer.fit()
@@ -243,14 +323,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     except Exception as exc:  # recorded, then reported by the CLI with exit code 1
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.exception("bnexp: run failed")
-    finally:
-        trainer.scalars.close()
-    metrics = metrics_of(trainer.history, trainer.step, time.perf_counter() - started)
+    trainer.history.grad_norms = trainer.grad_norms[: trainer.step].tolist()
+    summary = summarize(trainer.history, cfg.trainer, trainer.step, trainer.total_steps,
+                        trainer.steps_per_epoch, target, time.perf_counter() - started)
+    if status in ("completed", "diverged"):
+        modes, notes = probes.mode_comparison(model, ds.x_val, ds.y_val, trainer.inputs,
+                                              cfg.trainer.batch_size)
+        summary.update(modes)
+    trainer.events.hparams(trainer.step, config, summary)
+    trainer.events.close()
     if cfg.trainer.checkpoint and status != "failed":
         record.save_checkpoint(run_dir, trainer.checkpoint_state(config))
     extra = {"error": error} if error else {}
-    path = record.write_summary(run_dir, status, config, metrics, env, **extra)
+    if notes:
+        extra["notes"] = notes
+    path = record.write_summary(run_dir, status, config, summary, env, **extra)
     return record.read_summary(path.parent)
+
+
+def load_model(path: Path) -> tuple[nn.Module, dict]:
+    """The trained model of a run directory or checkpoint file, and its checkpoint."""
+    from omegaconf import OmegaConf
+
+    ckpt = record.load_checkpoint(path)
+    model = models.build(OmegaConf.create(ckpt["config"]["model"]), tuple(ckpt["in_shape"]),
+                         ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
 
 
 # ----------------------------------------------------------------------------- console

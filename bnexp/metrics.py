@@ -1,0 +1,129 @@
+"""Pure functions from what a run observed to the numbers that test BN's claims.
+
+Nothing here knows about TensorBoard, files or the training loop: inputs are plain sequences of
+(step, value) pairs or tensors, outputs are numbers. That keeps every metric unit-testable on
+hand-made sequences.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+import torch
+
+Series = Sequence[tuple[int, float]]  # (step, value), in step order
+
+PERCENTILES = (15, 50, 85)  # Ioffe & Szegedy 2015, Figure 1(b, c)
+
+
+# ----------------------------------------------------------------------------- convergence
+
+
+def steps_to_target(val_acc: Series, target: float) -> int | None:
+    """First evaluated step at which validation accuracy reaches the target; None if never."""
+    return next((step for step, acc in val_acc if acc >= target), None)
+
+
+def value_at_fraction(series: Series, total_steps: int, fraction: float) -> float | None:
+    """The last value logged at or before fraction * total_steps (None if none was)."""
+    limit = fraction * total_steps
+    before = [v for s, v in series if s <= limit + 1e-9]
+    return before[-1] if before else None
+
+
+def mean_value(series: Series) -> float | None:
+    """Mean of the logged values: for the training loss, an area under the curve per step."""
+    values = [v for _, v in series]
+    return sum(values) / len(values) if values else None
+
+
+# ----------------------------------------------------------------------------- stability
+
+
+def chance_loss(num_classes: int) -> float:
+    """Cross-entropy of a uniform guess: what a net that learned nothing scores."""
+    return math.log(num_classes)
+
+
+def divergence(losses: Series, bound: float, patience: int) -> tuple[int | None, str | None]:
+    """The step at which a run diverged and why: a non-finite loss, or a loss above `bound`
+    for `patience` consecutive log points (the step of the last of them)."""
+    above = 0
+    for step, loss in losses:
+        if not math.isfinite(loss):
+            return step, "non-finite loss"
+        above = above + 1 if loss > bound else 0
+        if above >= patience:
+            return step, f"loss above {bound:.3g} for {patience} log points"
+    return None, None
+
+
+def loss_spikes(losses: Series, ratio: float = 2.0, window: int = 10) -> int:
+    """Log points whose loss exceeds `ratio` times the median of the `window` points before."""
+    values = [v for _, v in losses]
+    count = 0
+    for i in range(1, len(values)):
+        trailing = values[max(0, i - window) : i]
+        if values[i] > ratio * statistics.median(trailing):
+            count += 1
+    return count
+
+
+def tail_std(series: Series, fraction: float = 0.1) -> float | None:
+    """Population std of the values logged over the last `fraction` of the steps."""
+    if not series:
+        return None
+    last = series[-1][0]
+    first = series[0][0]
+    start = last - fraction * (last - first)
+    tail = [v for s, v in series if s >= start]
+    return statistics.pstdev(tail) if len(tail) > 1 else 0.0
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+def percentiles(x: torch.Tensor, qs: Sequence[float] = PERCENTILES,
+                max_elements: int = 1 << 20) -> list[float]:
+    """Percentiles (0-100) of all elements of x, with numpy's default (linear) interpolation.
+    Tensors larger than max_elements are subsampled with a fixed stride."""
+    flat = x.detach().flatten().float()
+    if flat.numel() > max_elements:
+        flat = flat[:: math.ceil(flat.numel() / max_elements)]
+    q = torch.tensor([v / 100 for v in qs], device=flat.device)
+    return torch.quantile(flat, q).tolist()
+
+
+SATURATION = {  # activation -> |pre-activation| beyond which the unit's slope is < 2% of its max
+    "sigmoid": 3.89,  # sigmoid(3.89) = 0.98
+    "tanh": 2.30,  # tanh(2.30) = 0.98
+}
+
+
+def saturated_fraction(pre_activation: torch.Tensor, activation: str) -> float | None:
+    """Fraction of units whose input puts a sigmoid/tanh in its flat tails; None for ReLU."""
+    if activation not in SATURATION:
+        return None
+    return (pre_activation.abs() > SATURATION[activation]).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- landscape
+
+
+def landscape_summary(losses: Sequence[float], grad_changes: Sequence[float],
+                      distances: Sequence[float]) -> dict[str, float]:
+    """Santurkar et al. 2018, section 3: along the gradient direction, the range of the loss,
+    the largest change of the gradient, and the effective beta-smoothness (largest gradient
+    change per unit of distance moved)."""
+    beta = max((g / d for g, d in zip(grad_changes, distances, strict=True) if d > 0), default=0.0)
+    return {
+        "loss_range": max(losses) - min(losses),
+        "grad_change_max": max(grad_changes),
+        "beta_smoothness": beta,
+    }

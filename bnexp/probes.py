@@ -1,0 +1,216 @@
+"""Measurements taken on a model during training that leave training untouched.
+
+Every probe runs inside `untouched(model)`, which restores the parameters, the BN running
+statistics, the train/eval flag and the RNG state afterwards: a run with probes follows the
+same trajectory as one without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnexp import metrics
+from bnexp.models import ACTIVATIONS, norm_layers
+
+ACTIVATION_TYPES = tuple(ACTIVATIONS.values())
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Restore parameters, buffers (BN running stats), mode and RNG state on exit."""
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    training = model.training
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(model.parameters(), params, strict=True):
+                p.copy_(saved)
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        model.train(training)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Hidden activations in forward order, named act1, act2, ..."""
+    acts = [m for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
+    return [(f"act{i}", m) for i, m in enumerate(acts, 1)]
+
+
+@torch.no_grad()
+def activation_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every hidden activation for the batch x, as the training step sees it
+    (train mode, batch statistics), without updating the running statistics."""
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda _m, inp, name=name: captured.__setitem__(name, inp[0].detach().float()))
+        for name, m in activation_modules(model)]
+    try:
+        with untouched(model):
+            model.train()
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def activation_scalars(inputs: dict[str, torch.Tensor], activation: str) -> dict[str, float]:
+    out = {}
+    for name, x in inputs.items():
+        for q, v in zip(metrics.PERCENTILES, metrics.percentiles(x), strict=True):
+            out[f"act_input/{name}/p{q}"] = v
+        saturated = metrics.saturated_fraction(x, activation)
+        if saturated is not None:
+            out[f"saturation/{name}"] = saturated
+    return out
+
+
+def layer_norms(model: nn.Module) -> dict[str, float]:
+    """Weight and gradient norm of every linear/conv layer (named layer1, layer2, ...)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    weights = torch._foreach_norm([m.weight for m in layers])
+    grads = [m.weight.grad for m in layers]
+    out = {}
+    grad_norms = torch._foreach_norm(grads) if all(g is not None for g in grads) else None
+    values = torch.stack(weights + (grad_norms or [])).tolist()  # one host sync for all
+    for i in range(len(layers)):
+        out[f"weight_norm/layer{i + 1}"] = values[i]
+        if grad_norms is not None:
+            out[f"grad_norm/layer{i + 1}"] = values[len(layers) + i]
+    return out
+
+
+def bn_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BN running mean/var and gamma/beta, by BN layer (bn1, bn2, ...)."""
+    out = {}
+    for i, (_, bn) in enumerate(norm_layers(model), 1):
+        out[f"bn{i}/running_mean"] = bn.running_mean
+        out[f"bn{i}/running_var"] = bn.running_var
+        if bn.affine:
+            out[f"bn{i}/gamma"] = bn.weight.detach()
+            out[f"bn{i}/beta"] = bn.bias.detach()
+    return out
+
+
+def _stats(t: torch.Tensor | None) -> dict[str, float] | None:
+    if t is None:
+        return None
+    t = t.detach().float()
+    return {"mean": t.mean().item(), "std": t.std().item() if t.numel() > 1 else 0.0,
+            "min": t.min().item(), "max": t.max().item()}
+
+
+def bn_report(model: nn.Module) -> list[dict]:
+    """Per BN layer: its settings and summaries of running mean/var and gamma/beta."""
+    rows = []
+    for name, bn in norm_layers(model):
+        rows.append({
+            "layer": name, "type": type(bn).__name__, "num_features": bn.num_features,
+            "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
+            "track_running_stats": bn.track_running_stats,
+            "num_batches_tracked": int(bn.num_batches_tracked)
+            if bn.num_batches_tracked is not None else None,
+            "running_mean": _stats(bn.running_mean), "running_var": _stats(bn.running_var),
+            "gamma": _stats(bn.weight), "beta": _stats(bn.bias),
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- BN modes
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    """Slices of at most `size`; a last chunk of one sample joins the one before, since BN in
+    train mode cannot normalize a single sample."""
+    starts = list(range(0, n, size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [slice(s, starts[i + 1] if i + 1 < len(starts) else n) for i, s in enumerate(starts)]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs, batch_size: int,
+             train_mode: bool) -> float:
+    """Accuracy in eval mode (running statistics) or train mode (each batch's statistics)."""
+    correct = 0
+    with untouched(model):
+        model.train(train_mode)
+        for s in _chunks(len(y), batch_size):
+            correct += (model(inputs(x[s])).argmax(1) == y[s]).sum().item()
+    return correct / len(y)
+
+
+def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
+                    batch_size: int, bs1_samples: int = 500) -> tuple[dict, dict]:
+    """BN's two behaviours side by side, plus evaluation one sample at a time."""
+    has_bn = bool(norm_layers(model))
+    # A fixed shuffle: train-mode batches must not inherit any ordering of the split by class.
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
+    x, y = x[order], y[order]
+    eval_acc = accuracy(model, x, y, inputs, 1000, train_mode=False)
+    train_acc = accuracy(model, x, y, inputs, batch_size, train_mode=True)
+    n1 = min(bs1_samples, len(y))
+    out = {
+        "val_acc_eval_mode": eval_acc,
+        "val_acc_train_mode": train_acc,
+        "train_eval_gap": eval_acc - train_acc,
+        "val_acc_eval_bs1": accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=False),
+        "bs1_samples": n1,
+        "val_acc_train_bs1": None,
+    }
+    notes = {}
+    try:
+        out["val_acc_train_bs1"] = accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=True)
+    except ValueError as exc:
+        notes["val_acc_train_bs1"] = (
+            "not measurable: BatchNorm in train mode normalizes each feature over the batch, "
+            "and a batch of one sample has zero variance per feature, so PyTorch refuses it "
+            f"({str(exc).splitlines()[0]}). In eval mode BN uses its running statistics and "
+            "batch size 1 is fine (val_acc_eval_bs1)."
+        )
+    if not has_bn:
+        notes["train_eval_gap"] = "no BN layers: train and eval mode compute the same function"
+    return out, notes
+
+
+# ----------------------------------------------------------------------------- landscape
+
+
+def landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              step_sizes: tuple[float, ...]) -> dict[str, float]:
+    """Santurkar et al. 2018: step along the negative gradient of the probe-batch loss by each
+    step size; record the loss and the change of the gradient. Training state is untouched."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grad() -> tuple[float, list[torch.Tensor]]:
+        loss = F.cross_entropy(model(x).float(), y)
+        return loss.item(), torch.autograd.grad(loss, params)
+
+    with untouched(model):
+        model.train()
+        loss0, g0 = loss_and_grad()
+        g0_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g0))).item()
+        origin = [p.detach().clone() for p in params]
+        losses, changes, distances = [loss0], [], []
+        for eta in step_sizes:
+            with torch.no_grad():
+                for p, saved, g in zip(params, origin, g0, strict=True):
+                    p.copy_(saved - eta * g)
+            loss, g = loss_and_grad()
+            losses.append(loss)
+            diff = torch._foreach_sub(list(g), list(g0))
+            changes.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diff))).item())
+            distances.append(eta * g0_norm)
+    return metrics.landscape_summary(losses, changes, distances)
