@@ -115,8 +115,8 @@ class TrainerConfig:
     # One switch for the costly diagnostics (per-layer norms, activation percentiles and
     # histograms, BN histograms, batch-size-1 evaluation); the summary metrics stay.
     diagnostics: bool = True
-    diagnostics_every: int = 50
-    histogram_every: int = 250
+    diagnostics_every: int = 100
+    histogram_every: int = 500
     probe_batch_size: int = 256
     # Loss-landscape probes (Santurkar et al. 2018) every N steps; 0 = off.
     probe_every: int = 0

@@ -21,9 +21,10 @@ ACTIVATION_TYPES = tuple(ACTIVATIONS.values())
 
 
 @contextlib.contextmanager
-def untouched(model: nn.Module) -> Iterator[None]:
-    """Restore parameters, buffers (BN running stats), mode and RNG state on exit."""
-    params = [p.detach().clone() for p in model.parameters()]
+def untouched(model: nn.Module, parameters: bool = True) -> Iterator[None]:
+    """Restore parameters, buffers (BN running stats), mode and RNG state on exit.
+    parameters=False skips the parameters, for probes that run without gradients."""
+    params = [p.detach().clone() for p in model.parameters()] if parameters else []
     buffers = [b.clone() for b in model.buffers()]
     training = model.training
     cpu_rng = torch.get_rng_state()
@@ -32,7 +33,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         with torch.no_grad():
-            for p, saved in zip(model.parameters(), params, strict=True):
+            for p, saved in zip(model.parameters(), params):
                 p.copy_(saved)
             for b, saved in zip(model.buffers(), buffers, strict=True):
                 b.copy_(saved)
@@ -57,7 +58,7 @@ def activation_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tens
         lambda _m, inp, name=name: captured.__setitem__(name, inp[0].detach().float()))
         for name, m in activation_modules(model)]
     try:
-        with untouched(model):
+        with untouched(model, parameters=False):
             model.train()
             model(x)
     finally:
@@ -145,7 +146,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs, batch_s
              train_mode: bool) -> float:
     """Accuracy in eval mode (running statistics) or train mode (each batch's statistics)."""
     correct = 0
-    with untouched(model):
+    with untouched(model, parameters=False):
         model.train(train_mode)
         for s in _chunks(len(y), batch_size):
             correct += (model(inputs(x[s])).argmax(1) == y[s]).sum().item()
@@ -153,8 +154,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs, batch_s
 
 
 def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
-                    batch_size: int, bs1_samples: int = 500) -> tuple[dict, dict]:
-    """BN's two behaviours side by side, plus evaluation one sample at a time."""
+                    batch_size: int, bs1_samples: int = 100) -> tuple[dict, dict]:
+    """BN's two behaviours side by side, plus evaluation one sample at a time on the first
+    bs1_samples of the (shuffled) split; bs1_samples=0 skips that."""
     has_bn = bool(norm_layers(model))
     # A fixed shuffle: train-mode batches must not inherit any ordering of the split by class.
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
@@ -166,11 +168,15 @@ def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
         "val_acc_eval_mode": eval_acc,
         "val_acc_train_mode": train_acc,
         "train_eval_gap": eval_acc - train_acc,
-        "val_acc_eval_bs1": accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=False),
+        "val_acc_eval_bs1": None,
         "bs1_samples": n1,
         "val_acc_train_bs1": None,
     }
     notes = {}
+    if n1 == 0:
+        notes["val_acc_eval_bs1"] = "skipped: trainer.diagnostics=false"
+        return out, notes
+    out["val_acc_eval_bs1"] = accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=False)
     try:
         out["val_acc_train_bs1"] = accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=True)
     except ValueError as exc:

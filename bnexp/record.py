@@ -153,7 +153,7 @@ class Events:
     def histograms(self, step: int, tensors: Mapping[str, Any]) -> None:
         for tag, tensor in tensors.items():
             if tensor.isfinite().all():  # TensorBoard rejects NaN bins; a NaN is in the scalars
-                self.writer.add_histogram(tag, tensor.detach().float().cpu(), step)
+                self.writer.add_histogram(tag, tensor.detach().float().cpu(), step, bins=64)
 
     def hparams(self, step: int, config: dict, metrics: Mapping[str, Any]) -> None:
         """One HParams entry in this run's own event file (SummaryWriter.add_hparams would

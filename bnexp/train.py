@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bnexp import data, metrics, models, probes, record
@@ -54,14 +54,17 @@ def build_optimizer(o: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def lr_factor(o: DictConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of optim.lr at a step: linear warmup, then constant, cosine or step decay."""
+    # Plain values: reading a DictConfig costs ~0.1 ms per key, too much once per step.
+    warmup, schedule, gamma, size = o.warmup_steps, o.schedule, o.gamma, o.step_size
+
     def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "cosine":
-            span = max(total_steps - o.warmup_steps, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(step - o.warmup_steps, span) / span))
-        if o.schedule == "step":
-            return o.gamma ** ((step - o.warmup_steps) // o.step_size)
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            span = max(total_steps - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+        if schedule == "step":
+            return gamma ** ((step - warmup) // size)
         return 1.0
 
     return factor
@@ -106,7 +109,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: data.In
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, ds: data.Dataset,
                  model: nn.Module):
-        self.cfg, self.t = cfg, cfg.trainer
+        # A plain dataclass: DictConfig attribute reads cost ~50 us each, many per step.
+        self.cfg, self.t = cfg, OmegaConf.to_object(cfg.trainer)
         self.device, self.ds, self.model = device, ds, model
         self.inputs = data.Inputs(ds, cfg.data.normalize)
         self.optimizer = build_optimizer(cfg.optim, model)
@@ -116,6 +120,9 @@ class Trainer:
             self.optimizer, lr_factor(cfg.optim, self.total_steps))
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.autocast = self.t.precision == "bf16"
+        self.augment = bool(cfg.data.augment)
+        self.activation = str(cfg.model.activation)
+        self.params = list(model.parameters())
         self.events = record.Events(run_dir)
         self.history = History()
         self.step = 0
@@ -130,7 +137,7 @@ class Trainer:
 
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.ds.x_train[idx]
-        if self.cfg.data.augment:
+        if self.augment:
             x = data.augment(x, self.generator)
         y = self.ds.y_train[idx]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
@@ -138,7 +145,7 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
         # Global gradient norm, kept on the device: read back once at the end of the run.
         self.grad_norms[self.step] = torch.linalg.vector_norm(
             torch.stack(torch._foreach_norm(grads)))
@@ -222,7 +229,7 @@ class Trainer:
         t, step = self.t, self.step
         if t.diagnostics and (step % t.diagnostics_every == 0 or last):
             inputs = probes.activation_inputs(self.model, self.probe_x)
-            values = probes.activation_scalars(inputs, self.cfg.model.activation)
+            values = probes.activation_scalars(inputs, self.activation)
             if step > 0:
                 values.update(probes.layer_norms(self.model))
             self.events.scalars(step, values)
@@ -231,7 +238,7 @@ class Trainer:
                 self.events.histograms(step, probes.bn_tensors(self.model))
         if t.probe_every and (step % t.probe_every == 0 or last):
             found = probes.landscape(self.model, self.probe_x, self.probe_y,
-                                     tuple(lr * self.cfg.optim.lr for lr in t.probe_step_sizes))
+                                     tuple(r * self.cfg.optim.lr for r in t.probe_step_sizes))
             self.history.landscape.append((step, found))
             self.events.scalars(step, {f"landscape/{k}": v for k, v in found.items()})
 
@@ -327,8 +334,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary = summarize(trainer.history, cfg.trainer, trainer.step, trainer.total_steps,
                         trainer.steps_per_epoch, target, time.perf_counter() - started)
     if status in ("completed", "diverged"):
-        modes, notes = probes.mode_comparison(model, ds.x_val, ds.y_val, trainer.inputs,
-                                              cfg.trainer.batch_size)
+        modes, notes = probes.mode_comparison(
+            model, ds.x_val, ds.y_val, trainer.inputs, cfg.trainer.batch_size,
+            bs1_samples=100 if cfg.trainer.diagnostics else 0)
         summary.update(modes)
     trainer.events.hparams(trainer.step, config, summary)
     trainer.events.close()

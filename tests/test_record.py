@@ -1,0 +1,131 @@
+"""What a run leaves in TensorBoard and summary.json, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from typer.testing import CliRunner
+
+from bnexp.cli import app
+from bnexp.record import HPARAM_KEYS
+
+runner = CliRunner()
+METRICS = (
+    "steps_to_target", "epochs_to_target", "seconds_to_target", "train_loss_auc",
+    "val_acc_at_25pct", "val_acc_at_50pct", "val_acc_at_100pct", "diverged", "diverged_at_step",
+    "loss_spikes", "loss_std_tail", "grad_norm_max", "grad_norm_median", "val_acc_eval_mode",
+    "val_acc_train_mode", "train_eval_gap", "val_acc_eval_bs1", "val_acc_train_bs1",
+)
+
+
+def run(tmp: Path, name: str, *overrides: str) -> tuple[Path, dict, EventAccumulator]:
+    run_dir = tmp / name
+    result = runner.invoke(app, [
+        "train", "trainer=debug", "trainer.diagnostics_every=10", "trainer.histogram_every=10",
+        "trainer.progress=none", "trainer.checkpoint=true", "device=cpu",
+        f"hydra.run.dir={run_dir}", *overrides])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    return run_dir, json.loads((run_dir / "summary.json").read_text()), events
+
+
+@pytest.fixture(scope="module")
+def bn_and_plain(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("runs")
+    return (run(tmp, "bn", "model.activation=sigmoid"),
+            run(tmp, "plain", "model.activation=sigmoid", "model.norm=none"))
+
+
+def test_summary_holds_every_metric(bn_and_plain) -> None:
+    for _, summary, _ in bn_and_plain:
+        assert set(METRICS) <= set(summary["metrics"])
+        assert summary["metrics"]["target_acc"] == 0.9  # mnist5k's default
+        assert summary["config"]["trainer"]["target_acc"] == 0.9
+    (_, bn, _), (_, plain, _) = bn_and_plain
+    assert bn["metrics"]["val_acc_train_bs1"] is None and "val_acc_train_bs1" in bn["notes"]
+    assert plain["metrics"]["train_eval_gap"] == 0
+    assert bn["config"]["model"]["affine"] is True and plain["config"]["model"]["affine"] is False
+
+
+def test_bn_run_writes_bn_histograms_and_plain_run_writes_none(bn_and_plain) -> None:
+    (_, _, bn), (_, _, plain) = bn_and_plain
+    bn_tags, plain_tags = set(bn.Tags()["histograms"]), set(plain.Tags()["histograms"])
+    assert {"bn1/running_mean", "bn1/running_var", "bn1/gamma", "bn1/beta",
+            "bn3/running_var"} <= bn_tags
+    assert not any(t.startswith("bn") for t in plain_tags)
+    assert {"act_input/act1", "act_input/act3"} <= bn_tags & plain_tags
+
+
+def test_diagnostic_scalars_from_step_zero(bn_and_plain) -> None:
+    for _, _, events in bn_and_plain:
+        tags = set(events.Tags()["scalars"])
+        for layer in ("act1", "act2", "act3"):
+            for q in (15, 50, 85):
+                assert f"act_input/{layer}/p{q}" in tags
+            assert f"saturation/{layer}" in tags
+        assert {"weight_norm/layer1", "grad_norm/layer4", "train/grad_norm"} <= tags
+        steps = [e.step for e in events.Scalars("act_input/act3/p50")]
+        assert steps[0] == 0 and steps[-1] == 20
+        p15, p85 = (events.Scalars(f"act_input/act3/p{q}")[-1].value for q in (15, 85))
+        assert p15 < p85
+
+
+def test_hparams_entry_lives_in_the_run_directory_itself(bn_and_plain) -> None:
+    for run_dir, summary, events in bn_and_plain:
+        content = events.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            content["_hparams_/session_start_info"]).session_start_info
+        assert set(start.hparams) == set(HPARAM_KEYS)
+        assert start.hparams["model.norm"].string_value == summary["config"]["model"]["norm"]
+        assert start.hparams["optim.lr"].number_value == summary["config"]["optim"]["lr"]
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(
+            content["_hparams_/experiment"]).experiment
+        metric_tags = {m.name.tag for m in experiment.metric_infos}
+        assert "hparams/best_val_acc" in metric_tags and "val/acc" not in metric_tags
+        value = events.Scalars("hparams/best_val_acc")[-1].value
+        assert value == pytest.approx(summary["metrics"]["best_val_acc"])
+        subdirs = {p.name for p in run_dir.iterdir() if p.is_dir()}
+        assert subdirs == {".hydra", "checkpoints"}  # no timestamped hparams sub-run
+
+
+def test_custom_scalars_layout_overlays_runs(bn_and_plain) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (_, _, events), _ = bn_and_plain
+    (tag,) = events.PluginTagToContent("custom_scalars")
+    layout = layout_pb2.Layout.FromString(events.Tensors(tag)[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["train loss"] == ["^train/loss$"]
+    assert any("act_input" in t for t in charts["activation-input percentiles (15/50/85)"])
+
+
+def test_inspect_prints_the_bn_layers(bn_and_plain) -> None:
+    (bn_dir, _, _), (plain_dir, _, _) = bn_and_plain
+    result = runner.invoke(app, ["inspect", str(bn_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert len(rows) == 3 and rows[0]["num_batches_tracked"] == 20
+    text = runner.invoke(app, ["inspect", str(plain_dir)]).output
+    assert "No BatchNorm layers" in text
+    assert runner.invoke(app, ["inspect", str(bn_dir / "nope")]).exit_code == 2
+
+
+def test_probe_every_records_landscape(tmp_path: Path) -> None:
+    _, summary, events = run(tmp_path, "probe", "trainer.probe_every=10")
+    assert summary["metrics"]["landscape_loss_range"] > 0
+    assert summary["metrics"]["landscape_beta_smoothness"] > 0
+    assert [e.step for e in events.Scalars("landscape/loss_range")] == [0, 10, 20]
+
+
+def test_probes_change_nothing_about_training(tmp_path: Path) -> None:
+    def final(name: str, *o: str) -> dict:
+        m = run(tmp_path, name, *o)[1]["metrics"]
+        return {k: m[k] for k in ("final_val_acc", "final_train_loss", "grad_norm_max")}
+
+    assert final("off", "trainer.diagnostics=false") == final(
+        "on", "trainer.probe_every=5", "trainer.diagnostics_every=3")
