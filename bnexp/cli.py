@@ -4,12 +4,13 @@ torch is imported only by the commands that train; `bnexp --help`, `bnexp list` 
 `bnexp config` answer without it.
 
 Exit codes: 0 completed (a diverged run is a result, so 0 too), 1 a run failed,
-2 bad input (config, override, device, dataset), 130 interrupted.
+2 bad input (config, override, device, dataset), 3 a sweep finished with failed jobs,
+130 interrupted.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 from pathlib import Path
 
@@ -17,9 +18,7 @@ import typer
 
 from bnexp.config import GROUPS, default_options, describe_option, group_options
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-EXIT_BY_STATUS = {"completed": 0, "diverged": 0, "failed": EXIT_FAILED,
-                  "interrupted": EXIT_INTERRUPTED}
+EXIT_BAD_INPUT, EXIT_SOME_FAILED = 2, 3
 
 app = typer.Typer(
     add_completion=False,
@@ -64,65 +63,50 @@ def _error(message: str) -> None:
     typer.echo(f"bnexp: error: {message}", err=True)
 
 
-def _remove_hydra_files(run_dir: Path) -> None:
-    """Undo what Hydra wrote for a run that never started, so bad input leaves nothing."""
-    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-    (run_dir / "train.log").unlink(missing_ok=True)
-    for d in (run_dir, *run_dir.parents):
-        try:
-            d.rmdir()  # only succeeds while empty
-        except OSError:
-            break
+def _hydra(argv: list[str]) -> int:
+    """Run Hydra's main with our config and task on argv (overrides and Hydra flags)."""
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bnexp.config import config_dir, register
+    from bnexp.train import hydra_task
+
+    register()
+    GlobalHydra.instance().clear()
+    main = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    saved, sys.argv = sys.argv, ["bnexp", *argv]
+    try:
+        main(hydra_task)()
+    except SystemExit as exc:  # Hydra reports its own errors, then exits
+        return EXIT_BAD_INPUT if exc.code else 0
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    return 0
 
 
 def _run_hydra(overrides: list[str]) -> int:
-    import hydra
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from bnexp.config import ConfigError, compose, config_dir, register, validate
-    from bnexp.data import DataError
+    from bnexp.config import ConfigError, compose
 
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     try:
         if not multirun:  # bad input stops here, before any directory exists
             cfg = compose(overrides)
+            from bnexp.data import DataError
             from bnexp.train import preflight  # torch only once the config is known good
 
-            preflight(cfg)
-    except (ConfigError, DataError) as exc:
+            try:
+                preflight(cfg)
+            except DataError as exc:
+                raise ConfigError(str(exc)) from None
+    except ConfigError as exc:
         _error(str(exc))
         return EXIT_BAD_INPUT
+    from bnexp import train
 
-    results: list[tuple[Path, dict | None, int]] = []
-
-    def task(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
-        from bnexp import train
-
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        try:
-            validate(cfg)
-            summary = train.run(cfg, run_dir)
-        except (ConfigError, DataError) as exc:
-            _error(str(exc))
-            _remove_hydra_files(run_dir)
-            results.append((run_dir, None, EXIT_BAD_INPUT))
-            return
-        results.append((run_dir, summary, EXIT_BY_STATUS[summary["status"]]))
-
-    register()
-    GlobalHydra.instance().clear()
-    main = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-    argv = sys.argv
-    sys.argv = ["bnexp-train", *overrides]
-    try:
-        main(task)()
-    except SystemExit as exc:  # Hydra reports its own errors and exits
-        return int(exc.code or 0) and EXIT_BAD_INPUT
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
-    for run_dir, summary, _ in results:
+    train.finished.clear()
+    code = _hydra(overrides)
+    for run_dir, summary, _ in train.finished:
         if summary is None:
             continue
         m = summary["metrics"]
@@ -133,7 +117,7 @@ def _run_hydra(overrides: list[str]) -> int:
         typer.echo(f"tensorboard: tensorboard --logdir {run_dir.parent}")
         if summary.get("error"):
             typer.echo(f"error:       {summary['error']}")
-    return max((code for *_, code in results), default=0)
+    return max([code, *(c for *_, c in train.finished)])
 
 
 @app.command(context_settings=PASSTHROUGH, help=TRAIN_HELP)
@@ -170,6 +154,59 @@ def list_(group: str = typer.Argument(None, help="Only this group: data, model, 
         for option in group_options(g):
             mark = "*" if option == defaults[g] else " "
             typer.echo(f"  {mark} {option:<14} {describe_option(g, option)}")
+
+
+@app.command(context_settings=PASSTHROUGH)
+def sweep(
+    ctx: typer.Context,
+    name: str = typer.Option(None, help="Sweep name (default: the fixed overrides and the "
+                                        "swept keys, so the same command resumes)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+                             help="Parallel local jobs (joblib); CPU threads are shared out."),
+    lr_grid: str = typer.Option(None, help="Log-spaced optim.lr grid LOW:HIGH:COUNT, "
+                                           "e.g. 1e-3:10:9."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="List the jobs that would run or be skipped; run none."),
+) -> None:
+    """Run a grid of trainings (Hydra multirun), resumable: finished jobs are skipped.
+
+    OVERRIDES use Hydra's sweep grammar: optim.lr=0.01,0.1,1 model.norm=batch,none seed=0,1,2,
+    range(...), choice(...). Jobs land in outputs/sweeps/NAME/<swept key=value,...>, with a
+    manifest.json of each job's status. Launchers: --jobs N (local processes), or
+    hydra/launcher=bnexp_slurm (SLURM via submitit) or submitit_local. Exit code 3 if a job
+    failed; diverged runs are results, not failures.
+    """
+    from bnexp import sweep as sweeps
+    from bnexp.config import ConfigError, compose, outputs_root
+
+    overrides = list(ctx.args)
+    try:
+        if lr_grid:
+            grid = sweeps.log_grid(lr_grid)
+            overrides.append("optim.lr=" + ",".join(f"{v:g}" for v in grid))
+        fixed, swept = sweeps.split_overrides(overrides)
+        compose(fixed)  # the common part must be valid; each job is validated before launch
+    except (ConfigError, ValueError) as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    name = name or sweeps.sweep_name(fixed, swept)
+    sweep_dir = outputs_root() / "sweeps" / name
+    argv = ["-m", *overrides, "hydra/sweeper=bnexp", f"hydra.sweep.dir='{sweep_dir}'"]
+    if dry_run:
+        argv.append("hydra.sweeper.dry_run=true")
+    if jobs > 1 and not any(o.startswith("hydra/launcher=") for o in overrides):
+        threads = max(1, (os.cpu_count() or 1) // jobs)  # 2 jobs x 1 thread on 2 cores
+        argv += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}",
+                 f"trainer.threads={threads}"]
+    os.environ["BNEXP_SWEEP_COMMAND"] = "bnexp sweep " + " ".join(sys.argv[2:])
+    code = _hydra(argv)
+    if code or dry_run:
+        raise typer.Exit(code)
+    counts = sweeps.counts(sweeps.read_manifest(sweep_dir))
+    typer.echo(f"\nsweep {name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    typer.echo(f"outputs:     {sweep_dir}")
+    typer.echo(f"compare:     bnexp compare {sweep_dir}")
+    raise typer.Exit(EXIT_SOME_FAILED if counts.get("failed") else 0)
 
 
 @app.command()

@@ -180,9 +180,14 @@ def register() -> None:
     if _registered:
         return
     from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
     from omegaconf import OmegaConf
 
+    from hydra_plugins.bnexp_sweeper.bnexp_sweeper import BnexpSweeper
+
     ConfigStore.instance().store(name="bnexp_schema", node=Config)
+    # Editable installs hide our plugin from Hydra's package scan: register it by hand.
+    Plugins.instance().register(BnexpSweeper)
     # Cached so the run directory name is computed once per process.
     OmegaConf.register_new_resolver("bnexp_run_name", run_name, use_cache=True, replace=True)
     _registered = True
@@ -417,6 +422,31 @@ def resolved(cfg: DictConfig) -> dict:
     out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     out.pop("hydra", None)
     return out
+
+
+# Keys that change how a run is shown or scheduled, not what it computes.
+UNHASHED = ("device", "trainer.threads", "trainer.progress")
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """A short, stable hash of what a run computes: its resolved config minus UNHASHED keys.
+    Sweeps match finished runs to grid points by it."""
+    import hashlib
+    import json
+
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    data = json.loads(json.dumps(data))  # a deep copy we may edit
+    data.pop("hydra", None)
+    for key in UNHASHED:
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def outputs_root() -> Path:

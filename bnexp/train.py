@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bnexp import data, metrics, models, probes, record
-from bnexp.config import ConfigError, resolved
+from bnexp.config import ConfigError, config_hash, resolved
 from bnexp.device import choose_threads, environment, resolve_device, seed_everything
 
 log = logging.getLogger("bnexp")
@@ -314,7 +314,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     ds = ds.to(device)
     model = models.build(cfg.model, ds.in_shape, ds.num_classes).to(device)
-    record.write_summary(run_dir, "running", config, {}, env)
+    record.write_summary(run_dir, "running", config, {}, env, config_hash=config_hash(cfg))
     trainer = Trainer(cfg, run_dir, device, ds, model)
     log.info("bnexp: %s, %s (norm=%s, activation=%s), %s lr=%g, %d steps on %s, threads=%d",
              cfg.data.name, cfg.model.name, cfg.model.norm, cfg.model.activation,
@@ -345,8 +345,57 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     extra = {"error": error} if error else {}
     if notes:
         extra["notes"] = notes
+    extra["config_hash"] = config_hash(cfg)
     path = record.write_summary(run_dir, status, config, summary, env, **extra)
     return record.read_summary(path.parent)
+
+
+# Runs finished in this process by hydra_task: (run_dir, summary or None, exit code).
+finished: list[tuple[Path, dict | None, int]] = []
+EXIT_BY_STATUS = {"completed": 0, "diverged": 0, "failed": 1, "interrupted": 130}
+EXIT_BAD_INPUT = 2
+
+
+def hydra_task(cfg: DictConfig) -> int:
+    """The task Hydra runs for `bnexp train` and for each sweep job (module-level, so that
+    launchers can pickle it). Returns the run's exit code."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from bnexp.config import ConfigError, validate
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if cfg.device == "auto" and hc.mode.name == "MULTIRUN" and torch.cuda.device_count() > 1:
+        cfg.device = f"cuda:{hc.job.num % torch.cuda.device_count()}"  # spread jobs over GPUs
+    try:
+        validate(cfg)
+        summary = run(cfg, run_dir)
+    except (ConfigError, data.DataError) as exc:
+        print(f"bnexp: error: {exc}", file=sys.stderr)
+        if hc.mode.name == "MULTIRUN":  # a sweep job: leave a record of why it failed
+            record.write_summary(run_dir, "failed", resolved(cfg), {}, {}, error=str(exc),
+                                 config_hash=config_hash(cfg))
+            finished.append((run_dir, None, 1))
+            return 1
+        remove_hydra_files(run_dir)
+        finished.append((run_dir, None, EXIT_BAD_INPUT))
+        return EXIT_BAD_INPUT
+    code = EXIT_BY_STATUS[summary["status"]]
+    finished.append((run_dir, summary, code))
+    return code
+
+
+def remove_hydra_files(run_dir: Path) -> None:
+    """Undo what Hydra wrote for a run that never started, so bad input leaves nothing."""
+    import shutil
+
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    (run_dir / "train.log").unlink(missing_ok=True)
+    for d in (run_dir, *run_dir.parents):
+        try:
+            d.rmdir()  # only succeeds while empty
+        except OSError:
+            break
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict]:

@@ -1,0 +1,132 @@
+"""Sweeps: job naming, config hashes, the manifest, and resume-by-skipping.
+
+`bnexp sweep` is a Hydra multirun with our sweeper (hydra_plugins/bnexp_sweeper), which expands
+the grid with Hydra's own grammar, then, before launching anything:
+  * composes and validates every job's config (a bad value stops the sweep, exit 2);
+  * names each job by the keys that vary (`lr=0.1,norm=batch,seed=0`);
+  * skips jobs whose run directory holds a finished summary with the same config hash;
+and launches the rest through whichever Hydra launcher is configured (basic, joblib, submitit).
+The manifest (manifest.json in the sweep directory) records the command, the grid, and each
+job's status; it is rewritten atomically after every batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bnexp.config import UNHASHED, config_hash  # noqa: F401 - re-exported for the sweeper
+
+MANIFEST = "manifest.json"
+FINISHED = ("completed", "diverged")  # results: a rerun skips these
+EXIT_SOME_FAILED = 3
+
+
+def short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """optim.lr -> lr, unless two keys share a last component (then the full key)."""
+    last = Counter(k.rsplit(".", 1)[-1] for k in keys)
+    return {k: k.rsplit(".", 1)[-1] if last[k.rsplit(".", 1)[-1]] == 1 else k for k in keys}
+
+
+def job_name(overrides: Sequence[str], swept: Sequence[str]) -> str:
+    """The job's directory name: `short_key=value` of the swept keys, in sweep order."""
+    values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    names = short_keys(list(swept))
+    parts = [f"{names[k]}={values[k]}" for k in swept if k in values]
+    name = ",".join(parts) or "job"
+    return name.replace("/", "_")
+
+
+def sweep_name(fixed: Sequence[str], swept: Sequence[str]) -> str:
+    """A default sweep name that stays the same when only the grid values change, so that a
+    rerun with more grid points resumes the same sweep: the fixed overrides, then the swept keys."""
+    keys = "-".join(short_keys(list(swept)).values()) or "single"
+    if not fixed:
+        return keys
+    label = ",".join(sorted(fixed)).replace("/", "_")
+    if len(label) > 60:
+        label = "cfg" + hashlib.sha256(label.encode()).hexdigest()[:8]
+    return f"{label}__{keys}"
+
+
+def split_overrides(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(fixed overrides, keys swept over) of a multirun command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed, swept = [], []
+    for text, ov in zip(arguments, OverridesParser.create().parse_overrides(list(arguments))):
+        if ov.key_or_group.startswith("hydra") or ov.key_or_group in UNHASHED:
+            continue
+        (swept.append(ov.key_or_group) if ov.is_sweep_override() else fixed.append(text))
+    return fixed, swept
+
+
+def log_grid(spec: str) -> list[float]:
+    """`1e-3:10:9` -> 9 values from 1e-3 to 10, evenly spaced in log scale (both ends in)."""
+    try:
+        lo, hi, n = spec.split(":")
+        lo_f, hi_f, count = float(lo), float(hi), int(n)
+    except ValueError:
+        raise ValueError(f"--lr-grid {spec!r}: expected LOW:HIGH:COUNT, e.g. 1e-3:10:9") from None
+    if not (0 < lo_f < hi_f) or count < 2:
+        raise ValueError(f"--lr-grid {spec!r}: need 0 < LOW < HIGH and COUNT >= 2")
+    ratio = (hi_f / lo_f) ** (1 / (count - 1))
+    return [float(f"{lo_f * ratio**i:.4g}") for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def write_json_atomic(path: Path, body: Any) -> None:
+    from bnexp.record import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(body, indent=2) + "\n").encode())
+
+
+def read_manifest(sweep_dir: Path) -> dict:
+    path = Path(sweep_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"jobs": {}}
+
+
+def job_status(run_dir: Path, expected_hash: str) -> str:
+    """What a job's directory says about it: a finished status, or pending/failed/..."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return "pending"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "pending"
+    if summary.get("config_hash") != expected_hash:
+        return "stale"  # the config behind this directory changed: run again
+    status = summary.get("status", "pending")
+    return "interrupted" if status == "running" else status
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Empty a job directory before re-running it, so TensorBoard never sees two histories."""
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)
+
+
+def counts(manifest: dict) -> Counter:
+    return Counter(job["status"] for job in manifest["jobs"].values())
+
+
+def new_manifest(sweep_dir: Path, arguments: Sequence[str], swept: Sequence[str]) -> dict:
+    old = read_manifest(sweep_dir)
+    return {
+        "command": os.environ.get("BNEXP_SWEEP_COMMAND", " ".join(arguments)),
+        "arguments": list(arguments),
+        "swept": list(swept),
+        "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "jobs": dict(old.get("jobs", {})),
+    }

@@ -1,0 +1,118 @@
+"""The `bnexp` sweeper: Hydra's basic grid sweeper plus validation, stable job names, resume by
+config hash and a manifest. The logic lives in bnexp.sweep; this class wires it into Hydra."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("bnexp")
+
+
+@dataclass
+class BnexpSweeperConf:
+    _target_: str = "hydra_plugins.bnexp_sweeper.bnexp_sweeper.BnexpSweeper"
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
+    dry_run: bool = False
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="bnexp", node=BnexpSweeperConf,
+                             provider="bnexp")
+
+
+class BnexpSweeper(Sweeper):
+    # Not a BasicSweeper subclass: Hydra re-imports its core plugin modules while scanning,
+    # and BasicSweeper's own super(BasicSweeper, self) call then names a different class.
+    def __init__(self, max_batch_size: int | None = None, params: dict | None = None,
+                 dry_run: bool = False) -> None:
+        self.max_batch_size, self.params, self.dry_run = max_batch_size, params or {}, dry_run
+        self.config: DictConfig | None = None
+        self.launcher = None
+        self.hydra_context = None
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def _plan(self, arguments: list[str]) -> tuple[list[dict], list[str]]:
+        from bnexp import sweep
+        from bnexp.config import ConfigError, validate
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+        _, swept = sweep.split_overrides(arguments)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        plan, names = [], set()
+        for overrides in (job for batch in batches for job in batch):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            name = sweep.job_name(overrides, swept)
+            try:
+                validate(cfg)
+            except ConfigError as exc:
+                print(f"bnexp: error: job {name}: {exc}", file=sys.stderr)
+                sys.exit(2)  # before anything was launched
+            while name in names:  # identical swept values: keep directories apart
+                name += "_"
+            names.add(name)
+            digest = sweep.config_hash(cfg)
+            plan.append({"name": name, "overrides": list(overrides), "hash": digest,
+                         "status": sweep.job_status(sweep_dir / name, digest)})
+        return plan, swept
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from bnexp import sweep
+
+        arguments = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        plan, swept = self._plan(arguments)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        todo = [job for job in plan if job["status"] not in sweep.FINISHED]
+        log.info("bnexp sweep: %d jobs in %s; %d to run, %d finished before (skipped)",
+                 len(plan), sweep_dir, len(todo), len(plan) - len(todo))
+        if self.dry_run:
+            for job in plan:
+                action = "skip" if job["status"] in sweep.FINISHED else "run "
+                log.info("  %s  %-40s %s  (%s)", action, job["name"], " ".join(job["overrides"]),
+                         job["status"])
+            return []
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        manifest = sweep.new_manifest(sweep_dir, arguments, swept)
+        for job in plan:
+            manifest["jobs"][job["name"]] = {
+                "overrides": job["overrides"], "config_hash": job["hash"],
+                "status": job["status"] if job["status"] in sweep.FINISHED else "queued"}
+        sweep.write_json_atomic(sweep_dir / sweep.MANIFEST, manifest)
+
+        size = self.max_batch_size or (1 if type(self.launcher).__name__ == "BasicLauncher"
+                                       else len(todo))
+        returns, done = [], len(plan) - len(todo)
+        for start in range(0, len(todo), max(size, 1)):
+            chunk = todo[start : start + size]
+            for job in chunk:
+                sweep.clear_run_dir(sweep_dir / job["name"])
+            batch = [[*job["overrides"], f"hydra.sweep.subdir='{job['name']}'"]
+                     for job in chunk]
+            returns.append(self.launcher.launch(batch, initial_job_idx=start))
+            for job in chunk:
+                status = sweep.job_status(sweep_dir / job["name"], job["hash"])
+                status = "failed" if status in ("pending", "stale") else status
+                manifest["jobs"][job["name"]]["status"] = status
+                done += 1
+                log.info("[%d/%d] %s: %s", done, len(plan), job["name"], status)
+            manifest["updated"] = __import__("time").strftime("%Y-%m-%dT%H:%M:%S")
+            sweep.write_json_atomic(sweep_dir / sweep.MANIFEST, manifest)
+        return returns
