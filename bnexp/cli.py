@@ -10,6 +10,7 @@ Exit codes: 0 completed (a diverged run is a result, so 0 too), 1 a run failed,
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -210,11 +211,138 @@ def sweep(
 
 
 @app.command()
+def compare(
+    paths: list[Path] = typer.Argument(None, help="Run or sweep directories (default: outputs)."),
+    metric: list[str] = typer.Option(None, "--metric", "-m",
+                                     help="Metrics to show (repeatable); default a useful few."),
+    sort: str = typer.Option(None, help="Sort rows by this metric or key."),
+    ascending: bool = typer.Option(False, "--ascending", help="Sort ascending (default: "
+                                                              "descending)."),
+    where: list[str] = typer.Option(None, "--where", "-w",
+                                    help="Keep runs with KEY=VALUE (repeatable; norm=batch)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, markdown or json."),
+    per_run: bool = typer.Option(False, "--per-run", help="One row per run, seeds apart."),
+    lr_metric: str = typer.Option("final_val_acc", help="Metric that ranks learning rates."),
+    tolerance: float = typer.Option(0.01, help="Good-LR range: mean within this of the best."),
+    lr_only: bool = typer.Option(False, "--lr", help="Only the learning-rate table."),
+) -> None:
+    """Compare runs: the config keys that vary, against summary metrics, seeds aggregated
+    (mean ± std, n). With an LR sweep, also best LR, max stable LR and good-LR range per
+    variant."""
+    from bnexp import compare as cmp
+    from bnexp.config import outputs_root
+    from bnexp.runs import find
+
+    if fmt not in ("table", "csv", "markdown", "json"):
+        _error(f"--format {fmt!r}: allowed table, csv, markdown, json.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    paths = paths or [outputs_root()]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        _error(f"no such path: {', '.join(missing)}.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        runs = cmp.select(find(paths), where or [])
+    except ValueError as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if not runs:
+        _error(f"no runs (directories with summary.json) under {', '.join(map(str, paths))}"
+               + (f" matching {' '.join(where)}" if where else "") + ".")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    result = cmp.compare(runs, metric or cmp.DEFAULT_METRICS, per_run, lr_metric, tolerance)
+    rows = cmp.sort_rows(result["rows"], sort, not ascending)
+    lr_rows = cmp.sort_rows(result["lr"], None, True)
+    if fmt == "json":
+        typer.echo(json.dumps({"runs": result["runs"], "varying": result["keys"],
+                               "rows": rows, "lr": lr_rows, "skipped": result["skipped"]},
+                              indent=2, default=str))
+        return
+    if not lr_only:
+        typer.echo(cmp.render(rows, fmt, f"{len(runs)} runs, varying: "
+                                         f"{', '.join(result['keys']) or 'nothing'}"), nl=False)
+    if lr_only and not lr_rows:
+        _error("--lr: optim.lr does not vary between these runs.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if lr_rows and (lr_only or fmt != "csv"):  # one CSV table per call
+        if not lr_only:
+            typer.echo("")
+        typer.echo(cmp.render(lr_rows, fmt, f"learning rates (by {lr_metric}; stable = no seed "
+                                            f"diverged and every seed reached the target)"),
+                   nl=False)
+    if result["skipped"] and fmt == "table":
+        typer.echo("not compared: " + ", ".join(f"{n} {s}" for s, n in
+                                                 result["skipped"].items()))
+
+
+@app.command()
+def plot(
+    path: Path = typer.Argument(None, help="A sweep or outputs directory (default: outputs)."),
+    out: Path = typer.Option(None, help="Where the PNGs go (default: PATH/plots)."),
+    metric: str = typer.Option("best_val_acc", help="Accuracy metric for the LR figures."),
+    tensorboard: bool = typer.Option(True, help="Also write seed-aggregated TensorBoard runs "
+                                                "and the figures under PATH/_aggregate."),
+) -> None:
+    """Figures over runs: accuracy and steps-to-target vs LR with seed bands, val-accuracy
+    curves per variant, a divergence heatmap (variant x LR)."""
+    from bnexp import plots
+    from bnexp.config import outputs_root
+    from bnexp.runs import find
+
+    path = path or outputs_root()
+    runs = find([path]) if path.exists() else []
+    if not runs:
+        _error(f"no runs (directories with summary.json) under {path}.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    pngs = plots.figures(runs, out or path / "plots", metric)
+    for png in pngs:
+        typer.echo(f"wrote {png}")
+    if tensorboard:
+        base = plots.tensorboard_runs(runs, path, pngs, metric)
+        typer.echo(f"wrote seed-aggregated TensorBoard runs under {base}")
+        typer.echo(f"open:  bnexp board {path}")
+
+
+@app.command()
+def board(
+    path: Path = typer.Argument(None, help="Outputs or sweep directory (default: outputs)."),
+    host: str = typer.Option("localhost", help="Interface to serve on."),
+    port: int = typer.Option(0, help="Port (0 = a free one)."),
+) -> None:
+    """Start TensorBoard on the runs and print its URL; Ctrl-C stops it."""
+    import socket
+    import time
+
+    from bnexp.config import outputs_root
+
+    path = path or outputs_root()
+    if not path.exists():
+        _error(f"no such directory: {path}. Train or sweep first, or pass a path.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    from tensorboard import program
+
+    tb = program.TensorBoard()
+    tb.configure(argv=[None, "--logdir", str(path), "--host", host, "--port", str(port),
+                       "--reload_interval", "5"])
+    url = tb.launch()
+    typer.echo(f"TensorBoard on {path}: {url}  (Ctrl-C to stop)", err=False)
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
 def inspect(run: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
             json_out: bool = typer.Option(False, "--json", help="Print the BN report as JSON."),
             ) -> None:
     """Print a trained model and, for each BN layer, its settings and statistics."""
-    import json
 
     from rich.console import Console
     from rich.table import Table

@@ -449,5 +449,13 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """optim.lr -> lr, unless two keys share a last component (then the full key)."""
+    from collections import Counter
+
+    last = Counter(k.rsplit(".", 1)[-1] for k in keys)
+    return {k: k.rsplit(".", 1)[-1] if last[k.rsplit(".", 1)[-1]] == 1 else k for k in keys}
+
+
 def outputs_root() -> Path:
     return Path(os.environ.get("BNEXP_OUTPUTS", "outputs"))

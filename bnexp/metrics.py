@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only where tensors come in: `bnexp compare` never imports it
+    import torch
 
 Series = Sequence[tuple[int, float]]  # (step, value), in step order
 
@@ -93,6 +95,8 @@ def percentiles(x: torch.Tensor, qs: Sequence[float] = PERCENTILES,
                 max_elements: int = 1 << 20) -> list[float]:
     """Percentiles (0-100) of all elements of x, with numpy's default (linear) interpolation.
     Tensors larger than max_elements are subsampled with a fixed stride."""
+    import torch
+
     flat = x.detach().flatten().float()
     if flat.numel() > max_elements:
         flat = flat[:: math.ceil(flat.numel() / max_elements)]
@@ -111,6 +115,41 @@ def saturated_fraction(pre_activation: torch.Tensor, activation: str) -> float |
     if activation not in SATURATION:
         return None
     return (pre_activation.abs() > SATURATION[activation]).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- across runs
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the non-null values."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
+
+
+def lr_stats(points: Mapping[float, Sequence[Mapping[str, Any]]], metric: str,
+             tolerance: float) -> dict[str, Any]:
+    """Learning-rate statistics of one variant from its runs at each LR (one per seed).
+
+    best_lr: the LR with the highest mean `metric` over seeds. max_stable_lr: the largest LR at
+    which no seed diverged and every seed reached the target accuracy. good_lr_min/max and
+    good_lr_decades: the LRs where no seed diverged and the mean is within `tolerance` of the
+    best, and the width of that range in decades (log10 of max/min)."""
+    means = {lr: mean_std([run.get(metric) for run in runs])[0] for lr, runs in points.items()}
+    means = {lr: m for lr, m in means.items() if m is not None and math.isfinite(m)}
+    stable = [lr for lr, runs in points.items()
+              if runs and all(not r.get("diverged") and r.get("steps_to_target") is not None
+                              for r in runs)]
+    out: dict[str, Any] = {"best_lr": None, "best_mean": None, "max_stable_lr": max(
+        stable, default=None), "good_lr_min": None, "good_lr_max": None, "good_lr_decades": None}
+    if means:
+        best = max(means, key=lambda lr: (means[lr], -lr))
+        good = [lr for lr, m in means.items() if m >= means[best] - tolerance
+                and not any(r.get("diverged") for r in points[lr])] or [best]
+        out.update(best_lr=best, best_mean=means[best], good_lr_min=min(good),
+                   good_lr_max=max(good), good_lr_decades=math.log10(max(good) / min(good)))
+    return out
 
 
 # ----------------------------------------------------------------------------- landscape

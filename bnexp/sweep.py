@@ -22,17 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bnexp.config import UNHASHED, config_hash  # noqa: F401 - re-exported for the sweeper
+from bnexp.config import UNHASHED, config_hash, short_keys  # noqa: F401 - used by the sweeper
 
 MANIFEST = "manifest.json"
 FINISHED = ("completed", "diverged")  # results: a rerun skips these
 EXIT_SOME_FAILED = 3
-
-
-def short_keys(keys: Sequence[str]) -> dict[str, str]:
-    """optim.lr -> lr, unless two keys share a last component (then the full key)."""
-    last = Counter(k.rsplit(".", 1)[-1] for k in keys)
-    return {k: k.rsplit(".", 1)[-1] if last[k.rsplit(".", 1)[-1]] == 1 else k for k in keys}
 
 
 def job_name(overrides: Sequence[str], swept: Sequence[str]) -> str:

@@ -170,6 +170,7 @@ class Trainer:
             if self.step % t.log_every == 0 or last:
                 seconds = time.perf_counter() - window_start - self.off_clock
                 if not self.log_window(epoch, loss_sum, correct, window_steps, seconds):
+                    self.evaluate_and_log(epoch)  # what a diverged net scores, for the tables
                     return False
                 loss_sum.zero_()
                 correct.zero_()

@@ -1,0 +1,196 @@
+"""Figures over many runs (matplotlib PNGs) and seed-aggregated TensorBoard runs.
+
+Variants are the varying config keys other than optim.lr and seed; seeds are aggregated into
+mean ± std bands. The same grouping as `bnexp compare`, drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bnexp import metrics
+from bnexp.compare import RESULT_STATUSES
+from bnexp.config import short_keys
+from bnexp.runs import Run, scalar_series, varying_keys
+
+AGGREGATE_DIR = "_aggregate"  # TensorBoard runs of seed means, inside the sweep directory
+
+
+def _label(values: Sequence[Any], keys: Sequence[str]) -> str:
+    names = short_keys(list(keys))
+    return ",".join(f"{names[k]}={v}" for k, v in zip(keys, values)) or "all runs"
+
+
+def group(runs: list[Run]) -> tuple[list[str], dict[str, dict[Any, list[Run]]]]:
+    """variant label -> lr -> runs (one per seed)."""
+    keys = [k for k in varying_keys(runs) if k not in ("optim.lr", "seed")]
+    out: dict[str, dict[Any, list[Run]]] = {}
+    for run in runs:
+        label = _label([run.config.get(k) for k in keys], keys)
+        out.setdefault(label, {}).setdefault(run.config.get("optim.lr"), []).append(run)
+    return keys, out
+
+
+def mean_curve(series: list[list[tuple[int, float]]]) -> tuple[list[int], list[float],
+                                                                  list[float]]:
+    """Mean and std over seeds at the steps every seed logged."""
+    if not series:
+        return [], [], []
+    common = sorted(set.intersection(*(set(s for s, _ in one) for one in series)))
+    by_seed = [dict(one) for one in series]
+    means, stds = [], []
+    for step in common:
+        mean, std, _ = metrics.mean_std([d[step] for d in by_seed])
+        means.append(mean)
+        stds.append(std)
+    return common, means, stds
+
+
+def _band(ax: Any, x: Sequence[float], mean: Sequence[float], std: Sequence[float],
+          label: str, markers: bool = True) -> None:
+    line = ax.plot(x, mean, marker="o" if markers else None, ms=3, label=label)[0]
+    lo = [m - s for m, s in zip(mean, std)]
+    hi = [m + s for m, s in zip(mean, std)]
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def _lr_curve(points: dict[Any, list[Run]], metric: str) -> tuple[list, list, list]:
+    xs, means, stds = [], [], []
+    for lr in sorted(points):
+        mean, std, _ = metrics.mean_std([r.metrics.get(metric) for r in points[lr]])
+        if mean is not None:
+            xs.append(lr)
+            means.append(mean)
+            stds.append(std)
+    return xs, means, stds
+
+
+def figures(runs: list[Run], out: Path, metric: str = "best_val_acc") -> list[Path]:
+    """Write the PNG figures for these runs into out/; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.status in RESULT_STATUSES]
+    out.mkdir(parents=True, exist_ok=True)
+    _, variants = group(runs)
+    lr_sweep = any(len(points) > 1 for points in variants.values())
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    if lr_sweep:
+        for m, name, ylabel in ((metric, "acc_vs_lr.png", metric),
+                                ("steps_to_target", "steps_to_target_vs_lr.png",
+                                 "steps to target (runs that reached it)")):
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            drawn = 0
+            for label, points in variants.items():
+                xs, means, stds = _lr_curve(points, m)
+                if xs:
+                    _band(ax, xs, means, stds, label)
+                    drawn += 1
+            if not drawn:
+                ax.text(0.5, 0.5, f"no run has a value for {m}", ha="center",
+                        transform=ax.transAxes)
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{m} vs learning rate (mean ± std over seeds)", fontsize=10)
+            if drawn:
+                ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+            save(fig, name)
+
+        lrs = sorted({lr for points in variants.values() for lr in points})
+        labels = list(variants)
+        grid = [[_diverged_fraction(variants[v].get(lr)) for lr in lrs] for v in labels]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lrs), 1.2 + 0.5 * len(labels)))
+        image = ax.imshow([[math.nan if g is None else g for g in row] for row in grid],
+                          cmap="Reds", vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, g in enumerate(row):
+                ax.text(j, i, "" if g is None else f"{g:.0%}", ha="center", va="center",
+                        fontsize=8)
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], rotation=45)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("learning rate")
+        ax.set_title("fraction of seeds diverged")
+        fig.colorbar(image, ax=ax)
+        save(fig, "divergence_heatmap.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, curve in curves(variants, metric).items():
+        steps, means, stds = curve
+        if steps:
+            _band(ax, steps, means, stds, label, markers=False)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val accuracy (eval mode)")
+    ax.set_title("val accuracy, mean ± std over seeds" + (" (best LR)" if lr_sweep else ""))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save(fig, "val_acc_curves.png")
+    return written
+
+
+def _diverged_fraction(runs: list[Run] | None) -> float | None:
+    if not runs:
+        return None
+    return sum(bool(r.metrics.get("diverged")) for r in runs) / len(runs)
+
+
+def curves(variants: dict[str, dict[Any, list[Run]]], metric: str,
+           tag: str = "val/acc") -> dict[str, tuple[list[int], list[float], list[float]]]:
+    """Per variant, the seed-mean curve of `tag`; in an LR sweep, at the variant's best LR."""
+    out = {}
+    for label, points in variants.items():
+        if len(points) > 1:
+            best = metrics.lr_stats({lr: [r.metrics for r in rs] for lr, rs in points.items()},
+                                    metric, 0.0)["best_lr"]
+            chosen, name = points.get(best, []), f"{label},lr={best:g}" if best else label
+        else:
+            chosen, name = next(iter(points.values())), label
+        out[name] = mean_curve([scalar_series(r.path, tag) for r in chosen])
+    return out
+
+
+def tensorboard_runs(runs: list[Run], root: Path, pngs: Sequence[Path],
+                     metric: str = "best_val_acc") -> Path:
+    """Seed-aggregated TensorBoard runs under root/_aggregate: per variant, mean and
+    mean ± std of val accuracy and train loss (a Margin chart in Custom Scalars), plus the
+    figures as images."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    base = root / AGGREGATE_DIR
+    shutil.rmtree(base, ignore_errors=True)
+    _, variants = group([r for r in runs if r.status in RESULT_STATUSES])
+    layout: dict[str, list] = {}
+    for tag in ("val/acc", "train/loss"):
+        name = tag.replace("/", "_")
+        layout[f"{tag} (seed mean ± std)"] = ["Margin", [f"{name}/mean", f"{name}/lower",
+                                                         f"{name}/upper"]]
+        for label, (steps, means, stds) in curves(variants, metric, tag).items():
+            writer = SummaryWriter(str(base / label.replace("/", "_")))
+            for step, mean, std in zip(steps, means, stds):
+                writer.add_scalar(f"{name}/mean", mean, step)
+                writer.add_scalar(f"{name}/lower", mean - std, step)
+                writer.add_scalar(f"{name}/upper", mean + std, step)
+            writer.close()
+    writer = SummaryWriter(str(base / "figures"))
+    writer.add_custom_scalars({"bnexp seeds aggregated": layout})
+    for png in pngs:
+        image = np.asarray(Image.open(png).convert("RGB"))
+        writer.add_image(f"figures/{png.stem}", image, 0, dataformats="HWC")
+    writer.close()
+    return base

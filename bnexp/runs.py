@@ -1,0 +1,96 @@
+"""Finding runs on disk and reading them back into flat rows (no torch here)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnexp.config import UNHASHED
+from bnexp.record import SUMMARY
+
+# Config keys that never define a variant: where data lives, how a run was shown.
+NOT_VARIANT = (*UNHASHED, "data.root", "data.download")
+# Keys whose recorded value follows another's when left to their default.
+DERIVED = {"model.affine": "model.norm"}
+
+
+@dataclass
+class Run:
+    path: Path
+    status: str
+    config: dict[str, Any]  # flat: {"optim.lr": 0.1, ...}
+    metrics: dict[str, Any]
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def find(paths: list[Path]) -> list[Run]:
+    """Every run (a directory with summary.json) under the given paths, sorted by path.
+    Unreadable summaries are skipped: a run being written is not an error."""
+    found = []
+    for root in paths:
+        root = Path(root)
+        files = [root / SUMMARY] if (root / SUMMARY).is_file() else sorted(root.rglob(SUMMARY))
+        for file in files:
+            try:
+                body = json.loads(file.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            found.append(Run(file.parent, body.get("status", "unknown"),
+                             flatten(body.get("config", {})), body.get("metrics", {}),
+                             body.get("notes", {})))
+    return sorted(found, key=lambda r: str(r.path))
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose value differs between runs, in config order."""
+    keys: dict[str, None] = {}
+    for run in runs:
+        keys.update(dict.fromkeys(run.config))
+    out: list[str] = []
+    for key in keys:
+        if key in NOT_VARIANT:
+            continue
+        values = {repr(run.config.get(key)) for run in runs}
+        cause = DERIVED.get(key)
+        if len(values) > 1 and not (cause in out and _determines(runs, cause, key)):
+            out.append(key)
+    return out
+
+
+def _determines(runs: list[Run], cause: str, effect: str) -> bool:
+    """Whether `effect` is a function of `cause` over these runs (model.affine of model.norm
+    when affine was left to its default): such a key adds a column but no information."""
+    seen: dict[str, str] = {}
+    for run in runs:
+        c, e = repr(run.config.get(cause)), repr(run.config.get(effect))
+        if seen.setdefault(c, e) != e:
+            return False
+    return True
+
+
+def scalar_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """One scalar tag of a run's TensorBoard events, as (step, value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags().get("scalars", []):
+        return []
+    return [(e.step, e.value) for e in events.Scalars(tag)]
