@@ -294,7 +294,7 @@ def plot(
     if not runs:
         _error(f"no runs (directories with summary.json) under {path}.")
         raise typer.Exit(EXIT_BAD_INPUT)
-    pngs = plots.figures(runs, out or path / "plots", metric)
+    pngs = plots.save(plots.make_figures(runs, metric), out or path / "plots")
     for png in pngs:
         typer.echo(f"wrote {png}")
     if tensorboard:
@@ -327,7 +327,7 @@ def board(
 
     tb = program.TensorBoard()
     tb.configure(argv=[None, "--logdir", str(path), "--host", host, "--port", str(port),
-                       "--reload_interval", "5"])
+                       "--reload_interval", "5", "--load_fast", "true"])
     url = tb.launch()
     typer.echo(f"TensorBoard on {path}: {url}  (Ctrl-C to stop)", err=False)
     sys.stdout.flush()

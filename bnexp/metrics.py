@@ -125,7 +125,7 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     xs = [float(v) for v in values if v is not None]
     if not xs:
         return None, None, 0
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
 
 
 def lr_stats(points: Mapping[float, Sequence[Mapping[str, Any]]], metric: str,

@@ -69,28 +69,35 @@ def _lr_curve(points: dict[Any, list[Run]], metric: str) -> tuple[list, list, li
     return xs, means, stds
 
 
-def figures(runs: list[Run], out: Path, metric: str = "best_val_acc") -> list[Path]:
-    """Write the PNG figures for these runs into out/; return their paths."""
+def save(figs: dict[str, Any], out: Path) -> list[Path]:
+    """Write figures as out/<name>.png; return the paths."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figs.items():
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+        written.append(out / f"{name}.png")
+    return written
+
+
+def make_figures(runs: list[Run], metric: str = "best_val_acc") -> dict[str, Any]:
+    """The figures for these runs, by name (matplotlib Figure objects)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [r for r in runs if r.status in RESULT_STATUSES]
-    out.mkdir(parents=True, exist_ok=True)
     _, variants = group(runs)
     lr_sweep = any(len(points) > 1 for points in variants.values())
-    written = []
-
-    def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(out / name)
+    figs: dict[str, Any] = {}
 
     if lr_sweep:
-        for m, name, ylabel in ((metric, "acc_vs_lr.png", metric),
-                                ("steps_to_target", "steps_to_target_vs_lr.png",
+        for m, name, ylabel in ((metric, "acc_vs_lr", metric),
+                                ("steps_to_target", "steps_to_target_vs_lr",
                                  "steps to target (runs that reached it)")):
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
             drawn = 0
@@ -109,7 +116,7 @@ def figures(runs: list[Run], out: Path, metric: str = "best_val_acc") -> list[Pa
             if drawn:
                 ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-            save(fig, name)
+            figs[name] = fig
 
         lrs = sorted({lr for points in variants.values() for lr in points})
         labels = list(variants)
@@ -126,7 +133,7 @@ def figures(runs: list[Run], out: Path, metric: str = "best_val_acc") -> list[Pa
         ax.set_xlabel("learning rate")
         ax.set_title("fraction of seeds diverged")
         fig.colorbar(image, ax=ax)
-        save(fig, "divergence_heatmap.png")
+        figs["divergence_heatmap"] = fig
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, curve in curves(variants, metric).items():
@@ -138,8 +145,8 @@ def figures(runs: list[Run], out: Path, metric: str = "best_val_acc") -> list[Pa
     ax.set_title("val accuracy, mean ± std over seeds" + (" (best LR)" if lr_sweep else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    save(fig, "val_acc_curves.png")
-    return written
+    figs["val_acc_curves"] = fig
+    return figs
 
 
 def _diverged_fraction(runs: list[Run] | None) -> float | None:

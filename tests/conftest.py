@@ -65,3 +65,25 @@ def make_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> dict[str, di
                             "horse", "ship", "truck"]}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta))
     return batches
+
+
+def write_summary(run_dir: Path, status: str = "completed", **config_and_metrics) -> Path:
+    """A hand-made run directory: summary.json only, in the format bnexp writes.
+    Keys with a dot go into the config (optim.lr=0.1), the rest into metrics."""
+    import json
+
+    config: dict = {}
+    metrics = {}
+    for key, value in config_and_metrics.items():
+        if "." in key or key == "seed":
+            node = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        else:
+            metrics[key] = value
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"status": status, "config": config, "metrics": metrics, "env": {}}))
+    return run_dir

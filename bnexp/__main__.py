@@ -1,0 +1,3 @@
+from bnexp.cli import main
+
+main()

@@ -1,0 +1,156 @@
+"""Sweeps end to end: Hydra multirun through our sweeper, resume, parallel jobs, launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bnexp import sweep
+from bnexp.cli import app
+
+runner = CliRunner()
+TINY = ["trainer.steps=8", "trainer.eval_every=4", "trainer.log_every=4",
+        "trainer.progress=none", "trainer.checkpoint=false", "trainer.diagnostics=false",
+        "device=cpu"]
+
+
+def summaries(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+
+
+def results(sweep_dir: Path) -> dict[str, dict]:
+    """Per job, the metrics that do not depend on timing."""
+    return {name: {k: v for k, v in s["metrics"].items() if "second" not in k}
+            for name, s in summaries(sweep_dir).items()}
+
+
+def test_log_grid_and_names() -> None:
+    assert sweep.log_grid("1e-3:10:5") == [0.001, 0.01, 0.1, 1.0, 10.0]
+    with pytest.raises(ValueError, match="LOW:HIGH:COUNT"):
+        sweep.log_grid("1e-3:10")
+    with pytest.raises(ValueError, match="0 < LOW < HIGH"):
+        sweep.log_grid("1:0.1:3")
+    swept = ["optim.lr", "model.norm", "seed"]
+    assert sweep.job_name(["optim.lr=0.1", "model.norm=batch", "seed=0", "trainer=debug"],
+                          swept) == "lr=0.1,norm=batch,seed=0"
+    assert sweep.job_name(["data.name=a", "model.name=b"], ["data.name", "model.name"]) == \
+        "data.name=a,model.name=b"
+    assert sweep.sweep_name(["model.activation=sigmoid"], swept) == \
+        "model.activation=sigmoid__lr-norm-seed"
+
+
+def test_2x2x2_sweep_runs_resumes_and_compare_aggregates(isolated: Path) -> None:
+    args = ["sweep", "--name", "s", "optim.lr=0.05,0.2", "model.norm=batch,none", "seed=0,1",
+            *TINY]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sweep_dir = isolated / "outputs" / "sweeps" / "s"
+    names = sorted(summaries(sweep_dir))
+    assert len(names) == 8 and "lr=0.05,norm=batch,seed=0" in names
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert {j["status"] for j in manifest["jobs"].values()} == {"completed"}
+    assert manifest["swept"] == ["optim.lr", "model.norm", "seed"]
+    assert "8 completed" in result.output
+
+    table = runner.invoke(app, ["compare", str(sweep_dir), "-f", "json"])
+    body = json.loads(table.output)
+    assert body["varying"] == ["model.norm", "optim.lr", "seed"]
+    assert len(body["rows"]) == 4 and all(r["n"] == 2 for r in body["rows"])
+
+    # The same command again: nothing runs, nothing is rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/summary.json")}
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "0 to run, 8 finished before" in again.output
+    assert stamps == {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/summary.json")}
+    # A new grid point adds only its jobs.
+    more = runner.invoke(app, [*args[:3], "optim.lr=0.05,0.2,0.8", *args[4:]])
+    assert more.exit_code == 0 and "4 to run, 8 finished before" in more.output
+    assert len(summaries(sweep_dir)) == 12
+    # A dry run lists every job with what would happen, and runs nothing.
+    dry = runner.invoke(app, [*args[:3], "optim.lr=0.05,3.2", *args[4:], "--dry-run"])
+    assert dry.exit_code == 0
+    assert len(re.findall(r"^\s+skip ", dry.output, re.M)) == 4
+    assert len(re.findall(r"^\s+run ", dry.output, re.M)) == 4
+    assert len(summaries(sweep_dir)) == 12
+
+
+def test_parallel_jobs_give_the_same_results_as_sequential(isolated: Path) -> None:
+    grid = ["optim.lr=0.05,0.2", "model.norm=batch,none", *TINY]
+    assert runner.invoke(app, ["sweep", "--name", "seq", *grid]).exit_code == 0
+    par = runner.invoke(app, ["sweep", "--name", "par", "--jobs", "2", *grid])
+    assert par.exit_code == 0, par.output
+    root = isolated / "outputs" / "sweeps"
+    assert results(root / "seq") == results(root / "par")
+    assert {s["env"]["threads"] for s in summaries(root / "par").values()} == {
+        max(1, (os.cpu_count() or 1) // 2)}
+
+
+def test_a_failed_job_does_not_stop_the_others_and_exits_3(isolated: Path) -> None:
+    result = runner.invoke(app, ["sweep", "--name", "f", "data=mnist5k,mnist",
+                                 "data.download=false", f"data.root={isolated / 'nothing'}",
+                                 *TINY])
+    assert result.exit_code == sweep.EXIT_SOME_FAILED, result.output
+    done = summaries(isolated / "outputs" / "sweeps" / "f")
+    assert done["data=mnist5k"]["status"] == "completed"
+    assert done["data=mnist"]["status"] == "failed"
+    assert "data=mnist5k" in done["data=mnist"]["error"]  # the DataError's advice
+    assert "1 completed, 1 failed" in result.output
+
+
+def test_an_invalid_job_stops_the_sweep_before_anything_runs(isolated: Path) -> None:
+    result = runner.invoke(app, ["sweep", "--name", "bad", "optim.lr=0.1,-1", *TINY])
+    assert result.exit_code == 2
+    assert "optim.lr" in result.output
+    assert not (isolated / "outputs" / "sweeps" / "bad" / "lr=0.1").exists()
+
+
+def test_killed_sweep_reruns_only_the_missing_jobs(isolated: Path) -> None:
+    cmd = [sys.executable, "-m", "bnexp", "sweep", "--name", "k", "seed=0,1,2,3",
+           "trainer.steps=150", "trainer.eval_every=50", "trainer.progress=none",
+           "trainer.checkpoint=false", "device=cpu"]
+    sweep_dir = isolated / "outputs" / "sweeps" / "k"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        finished = [s for s in summaries(sweep_dir).values() if s["status"] == "completed"]
+        if finished:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    before = {n: s for n, s in summaries(sweep_dir).items() if s["status"] == "completed"}
+    assert 1 <= len(before) < 4
+    again = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{4 - len(before)} to run, {len(before)} finished before" in again.stdout
+    after = summaries(sweep_dir)
+    assert {s["status"] for s in after.values()} == {"completed"} and len(after) == 4
+    for name, summary in before.items():  # finished runs were not re-run
+        assert after[name]["metrics"]["wall_seconds"] == summary["metrics"]["wall_seconds"]
+
+
+def test_submitit_local_launcher_runs_two_jobs(isolated: Path) -> None:
+    result = runner.invoke(app, ["sweep", "--name", "sub", "hydra/launcher=submitit_local",
+                                 "seed=0,1", *TINY])
+    assert result.exit_code == 0, result.output
+    done = summaries(isolated / "outputs" / "sweeps" / "sub")
+    assert sorted(done) == ["seed=0", "seed=1"]
+    assert {s["status"] for s in done.values()} == {"completed"}
+
+
+def test_slurm_launcher_config_composes(isolated: Path) -> None:
+    result = runner.invoke(app, ["sweep", "--name", "sl", "hydra/launcher=bnexp_slurm",
+                                 "hydra.launcher.partition=gpu", "seed=0,1", "--dry-run",
+                                 *TINY])
+    assert result.exit_code == 0, result.output
+    assert "2 to run" in result.output
