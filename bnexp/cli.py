@@ -184,7 +184,7 @@ def sweep(
     try:
         if lr_grid:
             grid = sweeps.log_grid(lr_grid)
-            overrides.append("optim.lr=" + ",".join(f"{v:g}" for v in grid))
+            overrides.insert(0, "optim.lr=" + ",".join(f"{v:g}" for v in grid))
         fixed, swept = sweeps.split_overrides(overrides)
         compose(fixed)  # the common part must be valid; each job is validated before launch
     except (ConfigError, ValueError) as exc:
