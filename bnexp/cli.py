@@ -33,7 +33,7 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 def _groups_text() -> str:
     defaults = default_options()
-    return "\n".join(f"  {g}={'|'.join(group_options(g))}  (default: {defaults[g]})"
+    return "\n".join(f"  {g}={'|'.join(group_options(g))}  (default: {defaults[g] or 'none'})"
                      for g in GROUPS)
 
 
@@ -148,12 +148,12 @@ def list_(group: str = typer.Argument(None, help="Only this group: data, model, 
     """Show what each config group offers (the default is marked *)."""
     defaults = default_options()
     for g in [group] if group else GROUPS:
-        if g not in defaults:
+        if g not in GROUPS:
             _error(f"unknown config group {g!r}. Allowed: {', '.join(GROUPS)}.")
             raise typer.Exit(EXIT_BAD_INPUT)
         typer.echo(f"{g}:")
         for option in group_options(g):
-            mark = "*" if option == defaults[g] else " "
+            mark = "*" if option == defaults.get(g) else " "
             typer.echo(f"  {mark} {option:<14} {describe_option(g, option)}")
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # omegaconf is imported where used: `bnexp --help` stays fast
     from omegaconf import DictConfig
 
-GROUPS = ("data", "model", "optim", "trainer")
+GROUPS = ("data", "model", "optim", "trainer", "experiment")
 
 DATASETS = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
 MODELS = ("mlp", "cnn", "vgg", "resnet")
@@ -83,6 +83,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
+    # Linear scaling rule: if set, the LR used is lr * batch_size / lr_reference_batch_size.
+    lr_reference_batch_size: int | None = None
     schedule: str = "constant"
     warmup_steps: int = 0
     # step schedule: multiply the LR by gamma every step_size steps.
@@ -160,9 +162,13 @@ def default_options() -> dict[str, str]:
 
 
 def describe_option(group: str, option: str) -> str:
-    """The first comment line of an option's YAML file."""
-    first = (config_dir() / group / f"{option}.yaml").read_text().split("\n", 1)[0]
-    return first.lstrip("# ").strip() if first.startswith("#") else ""
+    """The first comment line of an option's YAML file (Hydra's @package line aside)."""
+    for line in (config_dir() / group / f"{option}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if "@package" not in line:
+            return line.lstrip("# ").strip()
+    return ""
 
 
 def run_name(override_dirname: str) -> str:
@@ -342,6 +348,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "optim.beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "optim.schedule": _one_of(SCHEDULES),
+    "optim.lr_reference_batch_size": (lambda v: v is None or _positive_int(v),
+                                      "null or an integer >= 1"),
     "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "optim.step_size": (_positive_int, "an integer >= 1"),
     "optim.gamma": (lambda v: 0 < v <= 1, "a number in (0, 1]"),

@@ -104,6 +104,14 @@ def percentiles(x: torch.Tensor, qs: Sequence[float] = PERCENTILES,
     return torch.quantile(flat, q).tolist()
 
 
+def percentile_drift(points: Sequence[Sequence[float]]) -> float | None:
+    """How far a distribution moved over training: for each tracked percentile, the range
+    (max - min) of its values across the probe points; the largest of those ranges."""
+    if len(points) < 2:
+        return None
+    return max(max(col) - min(col) for col in zip(*points))
+
+
 SATURATION = {  # activation -> |pre-activation| beyond which the unit's slope is < 2% of its max
     "sigmoid": 3.89,  # sigmoid(3.89) = 0.98
     "tanh": 2.30,  # tanh(2.30) = 0.98

@@ -44,11 +44,19 @@ def preflight(cfg: DictConfig) -> tuple[torch.device, data.Dataset]:
     return device, ds
 
 
-def build_optimizer(o: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+def effective_lr(cfg: DictConfig) -> float:
+    """optim.lr, scaled linearly with the batch size if optim.lr_reference_batch_size is set."""
+    o = cfg.optim
+    if o.lr_reference_batch_size:
+        return o.lr * cfg.trainer.batch_size / o.lr_reference_batch_size
+    return o.lr
+
+
+def build_optimizer(o: DictConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum,
                                nesterov=o.nesterov, weight_decay=o.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(o.beta1, o.beta2),
                             weight_decay=o.weight_decay)
 
 
@@ -83,6 +91,7 @@ class History:
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     train_acc: list[tuple[int, float]] = field(default_factory=list)
     landscape: list[tuple[int, dict]] = field(default_factory=list)
+    diagnostics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)  # every step
     train_seconds: float = 0.0
     samples: int = 0
@@ -113,7 +122,8 @@ class Trainer:
         self.cfg, self.t = cfg, OmegaConf.to_object(cfg.trainer)
         self.device, self.ds, self.model = device, ds, model
         self.inputs = data.Inputs(ds, cfg.data.normalize)
-        self.optimizer = build_optimizer(cfg.optim, model)
+        self.lr = effective_lr(cfg)
+        self.optimizer = build_optimizer(cfg.optim, model, self.lr)
         self.steps_per_epoch = len(ds.y_train) // self.t.batch_size
         self.total_steps = self.t.steps or self.t.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -234,12 +244,13 @@ class Trainer:
             if step > 0:
                 values.update(probes.layer_norms(self.model))
             self.events.scalars(step, values)
+            self.history.diagnostics.append((step, values))
             if step % t.histogram_every == 0 or last:
                 self.events.histograms(step, {f"act_input/{k}": v for k, v in inputs.items()})
                 self.events.histograms(step, probes.bn_tensors(self.model))
         if t.probe_every and (step % t.probe_every == 0 or last):
             found = probes.landscape(self.model, self.probe_x, self.probe_y,
-                                     tuple(r * self.cfg.optim.lr for r in t.probe_step_sizes))
+                                     tuple(r * self.lr for r in t.probe_step_sizes))
             self.history.landscape.append((step, found))
             self.events.scalars(step, {f"landscape/{k}": v for k, v in found.items()})
 
@@ -253,6 +264,31 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "config": config, "step": self.step,
                 "in_shape": list(self.ds.in_shape), "num_classes": self.ds.num_classes}
+
+
+def diagnostic_summary(points: list[tuple[int, dict[str, float]]]) -> dict:
+    """Per-run numbers from the diagnostics: how far the last hidden activation's input
+    distribution drifted, how much smaller the first layer's gradient is than the last
+    hidden layer's, and the final fraction of saturated units."""
+    if not points:
+        return {"act_input_drift": None, "grad_norm_first_over_last": None,
+                "saturation_final": None}
+    acts = sorted({k.split("/")[1] for k in points[0][1] if k.startswith("act_input/")},
+                  key=lambda name: int(name[3:]))
+    last = acts[-1] if acts else None
+    drift = metrics.percentile_drift(
+        [[v[f"act_input/{last}/p{q}"] for q in metrics.PERCENTILES] for _, v in points]
+    ) if last else None
+    layers = sorted({k for _, v in points for k in v if k.startswith("grad_norm/layer")},
+                    key=lambda k: int(k.rsplit("layer", 1)[1]))
+    ratios = [v[layers[0]] / v[layers[-2]] for _, v in points
+              if len(layers) > 2 and layers[0] in v and v.get(layers[-2], 0) > 0]
+    saturation = [v for k, v in points[-1][1].items() if k.startswith("saturation/")]
+    return {
+        "act_input_drift": drift,
+        "grad_norm_first_over_last": metrics.median(ratios),
+        "saturation_final": sum(saturation) / len(saturation) if saturation else None,
+    }
 
 
 def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per_epoch: int,
@@ -287,6 +323,7 @@ def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per
         "grad_norm_max": max(h.grad_norms) if h.grad_norms else None,
         "grad_norm_median": metrics.median(h.grad_norms),
         **landscape,
+        **diagnostic_summary(h.diagnostics),
         "wall_seconds": wall,
         "train_seconds": h.train_seconds,
         "samples_per_second": h.samples / h.train_seconds if h.train_seconds else None,
@@ -319,7 +356,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = Trainer(cfg, run_dir, device, ds, model)
     log.info("bnexp: %s, %s (norm=%s, activation=%s), %s lr=%g, %d steps on %s, threads=%d",
              cfg.data.name, cfg.model.name, cfg.model.norm, cfg.model.activation,
-             cfg.optim.name, cfg.optim.lr, trainer.total_steps, device, threads)
+             cfg.optim.name, trainer.lr, trainer.total_steps, device, threads)
     status, error, notes = "completed", None, {}
     try:
         with trainer.progress:
@@ -334,6 +371,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer.history.grad_norms = trainer.grad_norms[: trainer.step].tolist()
     summary = summarize(trainer.history, cfg.trainer, trainer.step, trainer.total_steps,
                         trainer.steps_per_epoch, target, time.perf_counter() - started)
+    summary["lr"] = trainer.lr
     if status in ("completed", "diverged"):
         modes, notes = probes.mode_comparison(
             model, ds.x_val, ds.y_val, trainer.inputs, cfg.trainer.batch_size,

@@ -81,3 +81,27 @@ def test_saturated_fraction_for_sigmoid_and_tanh_only() -> None:
 def test_landscape_summary() -> None:
     out = metrics.landscape_summary([2.0, 1.5, 3.0], [0.5, 2.0], [1.0, 2.0])
     assert out == {"loss_range": 1.5, "grad_change_max": 2.0, "beta_smoothness": 1.0}
+
+
+def test_percentile_drift_is_the_largest_range_of_any_percentile() -> None:
+    stable = [[-1.0, 0.0, 1.0], [-1.1, 0.05, 1.0], [-0.9, 0.0, 1.1]]
+    drifting = [[-1.0, 0.0, 1.0], [-3.0, -2.0, -1.0], [-4.0, -3.5, 0.5]]
+    assert metrics.percentile_drift(stable) == pytest.approx(0.2)
+    assert metrics.percentile_drift(drifting) == pytest.approx(3.5)
+    assert metrics.percentile_drift([[0.0, 1.0, 2.0]]) is None
+
+
+def test_lr_schedules() -> None:
+    from omegaconf import OmegaConf
+
+    from bnexp.train import lr_factor
+
+    def f(**o):
+        base = {"warmup_steps": 0, "schedule": "constant", "gamma": 0.1, "step_size": 10}
+        return lr_factor(OmegaConf.create({**base, **o}), total_steps=100)
+
+    assert [f(warmup_steps=4)(s) for s in (0, 1, 3, 50)] == [0.25, 0.5, 1.0, 1.0]
+    cosine = f(schedule="cosine")
+    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == 0.0
+    step = f(schedule="step")
+    assert [step(s) for s in (0, 9, 10, 25)] == pytest.approx([1, 1, 0.1, 0.01])

@@ -92,3 +92,11 @@ def test_ablation_overrides_reach_the_trained_model(isolated: Path) -> None:
     assert not any("running_mean" in k for k in state)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["optim"]["lr"] == 0.5 and summary["config"]["seed"] == 3
+
+
+def test_bf16_autocast_runs_on_cpu(isolated: Path) -> None:
+    run_dir = isolated / "bf16"
+    code, out = train("trainer=debug", "trainer.precision=bf16", f"hydra.run.dir={run_dir}")
+    assert code == 0, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["metrics"]["final_val_acc"] > 0.5

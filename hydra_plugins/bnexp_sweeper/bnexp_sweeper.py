@@ -76,7 +76,10 @@ class BnexpSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from bnexp import sweep
 
-        arguments = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        # The command line wins over the config's grid (hydra.sweeper.params) key by key.
+        given = {a.split("=", 1)[0].lstrip("+~") for a in arguments}
+        arguments = [f"{k}={v}" for k, v in self.params.items() if k not in given] + list(
+            arguments)
         plan, swept = self._plan(arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         todo = [job for job in plan if job["status"] not in sweep.FINISHED]
