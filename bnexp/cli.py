@@ -178,20 +178,35 @@ def sweep(
     failed; diverged runs are results, not failures.
     """
     from bnexp import sweep as sweeps
-    from bnexp.config import ConfigError, compose, outputs_root
 
     overrides = list(ctx.args)
-    try:
-        if lr_grid:
+    if lr_grid:
+        try:
             grid = sweeps.log_grid(lr_grid)
-            overrides.insert(0, "optim.lr=" + ",".join(f"{v:g}" for v in grid))
+        except ValueError as exc:
+            _error(str(exc))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        overrides.insert(0, "optim.lr=" + ",".join(f"{v:g}" for v in grid))
+    code, sweep_dir = _launch_sweep(overrides, name, "sweeps", jobs, dry_run)
+    if code or dry_run:
+        raise typer.Exit(code)
+    raise typer.Exit(_sweep_summary(sweep_dir))
+
+
+def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
+                  dry_run: bool) -> tuple[int, Path]:
+    """Run a multirun through our sweeper into outputs/<kind>/<name>; (exit code, sweep dir)."""
+    from bnexp import sweep as sweeps
+    from bnexp.config import ConfigError, compose, outputs_root
+
+    try:
         fixed, swept = sweeps.split_overrides(overrides)
         compose(fixed)  # the common part must be valid; each job is validated before launch
     except (ConfigError, ValueError) as exc:
         _error(str(exc))
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        return EXIT_BAD_INPUT, Path()
     name = name or sweeps.sweep_name(fixed, swept)
-    sweep_dir = outputs_root() / "sweeps" / name
+    sweep_dir = outputs_root() / kind / name
     argv = ["-m", *overrides, "hydra/sweeper=bnexp", f"hydra.sweep.dir='{sweep_dir}'"]
     if dry_run:
         argv.append("hydra.sweeper.dry_run=true")
@@ -199,15 +214,84 @@ def sweep(
         threads = max(1, (os.cpu_count() or 1) // jobs)  # 2 jobs x 1 thread on 2 cores
         argv += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}",
                  f"trainer.threads={threads}"]
-    os.environ["BNEXP_SWEEP_COMMAND"] = "bnexp sweep " + " ".join(sys.argv[2:])
-    code = _hydra(argv)
-    if code or dry_run:
-        raise typer.Exit(code)
+    os.environ["BNEXP_SWEEP_COMMAND"] = "bnexp " + " ".join(sys.argv[1:])
+    return _hydra(argv), sweep_dir
+
+
+def _sweep_summary(sweep_dir: Path) -> int:
+    from bnexp import sweep as sweeps
+
     counts = sweeps.counts(sweeps.read_manifest(sweep_dir))
-    typer.echo(f"\nsweep {name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    typer.echo(f"\nsweep {sweep_dir.name}: "
+               + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     typer.echo(f"outputs:     {sweep_dir}")
     typer.echo(f"compare:     bnexp compare {sweep_dir}")
-    raise typer.Exit(EXIT_SOME_FAILED if counts.get("failed") else 0)
+    return EXIT_SOME_FAILED if counts.get("failed") else 0
+
+
+@app.command(context_settings=PASSTHROUGH)
+def reproduce(
+    ctx: typer.Context,
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Parallel local jobs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs; run none."),
+    list_studies: bool = typer.Option(False, "--list", help="Show the studies and claims."),
+    report_only: bool = typer.Option(False, "--report-only",
+                                     help="Write the report from the runs already there."),
+) -> None:
+    """Run a classic BN study and write report.md with a verdict per claim.
+
+    bnexp reproduce NAME [OVERRIDES]: runs configs/experiment/NAME.yaml as a resumable sweep
+    into outputs/studies/NAME, then writes report.md and figures there. `scale=paper` runs the
+    paper-sized version (full datasets; a GPU is advised). `bnexp reproduce --list` shows the
+    studies and the claims each tests.
+    """
+    from bnexp import reproduce as rep
+    from bnexp import sweep as sweeps
+    from bnexp.config import group_options
+    from bnexp.runs import find
+
+    args = list(ctx.args)
+    if list_studies or not args:
+        for name, study in rep.STUDIES.items():
+            typer.echo(f"{name}: {study.title}")
+            for claim in study.claim_texts:
+                typer.echo(f"    - {claim}")
+        raise typer.Exit(0 if list_studies else EXIT_BAD_INPUT)
+    name, overrides = args[0], args[1:]
+    if name not in rep.STUDIES:
+        _error(f"unknown study {name!r}. Allowed: {', '.join(rep.STUDIES)} (see --list).")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    scale = [o for o in overrides if o.startswith("scale=")]
+    overrides = [o for o in overrides if not o.startswith("scale=")]
+    if scale and scale[-1] not in ("scale=cpu", "scale=paper"):
+        _error(f"{scale[-1]}: allowed scale=cpu (default) or scale=paper.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    experiment = f"{name}_paper" if scale and scale[-1] == "scale=paper" else name
+    if experiment not in group_options("experiment"):
+        _error(f"study {name} has no configs/experiment/{experiment}.yaml.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    code, sweep_dir = 0, None
+    if not report_only:
+        code, sweep_dir = _launch_sweep([f"experiment={experiment}", *overrides], experiment,
+                                        "studies", jobs, dry_run)
+        if code == EXIT_BAD_INPUT or dry_run:
+            raise typer.Exit(code)
+        code = _sweep_summary(sweep_dir)
+    from bnexp.config import outputs_root
+
+    sweep_dir = sweep_dir or outputs_root() / "studies" / experiment
+    runs = find([sweep_dir]) if sweep_dir.exists() else []
+    if not runs:
+        _error(f"no runs under {sweep_dir}: run `bnexp reproduce {name}` first.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    manifest = sweeps.read_manifest(sweep_dir)
+    path, verdicts = rep.report(experiment, runs, sweep_dir,
+                                manifest.get("command", f"bnexp reproduce {name}"), manifest)
+    typer.echo("")
+    for v in verdicts:
+        typer.echo(f"{v.verdict:>14}  {v.claim}\n{'':>16}{v.measured}")
+    typer.echo(f"\nreport: {path}")
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -201,3 +201,30 @@ def tensorboard_runs(runs: list[Run], root: Path, pngs: Sequence[Path],
         writer.add_image(f"figures/{png.stem}", image, 0, dataformats="HWC")
     writer.close()
     return base
+
+
+def percentile_figure(runs: list[Run]) -> Any:
+    """Ioffe & Szegedy 2015, Figure 1(b, c): the 15th, 50th and 85th percentiles of the input
+    of the last hidden sigmoid over training, with BN and without, for the first seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, norm in zip(axes, ("none", "batch")):
+        chosen = sorted((r for r in runs if r.config.get("model.norm") == norm),
+                        key=lambda r: (r.seed is None, r.seed))
+        if not chosen:
+            continue
+        layer = f"act{chosen[0].config.get('model.depth', 3)}"
+        for q, style in zip(metrics.PERCENTILES, (":", "-", ":")):
+            series = scalar_series(chosen[0].path, f"act_input/{layer}/p{q}")
+            ax.plot([s for s, _ in series], [v for _, v in series], style, color="C0",
+                    label=f"{q}th percentile")
+        ax.set_title(f"{'with' if norm == 'batch' else 'without'} BN (seed {chosen[0].seed})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("input of the last hidden sigmoid")
+    axes[0].legend(fontsize=8)
+    return fig

@@ -87,8 +87,11 @@ def _determines(runs: list[Run], cause: str, effect: str) -> bool:
 
 def scalar_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     """One scalar tag of a run's TensorBoard events, as (step, value)."""
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # "No path found after ..."
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     if tag not in events.Tags().get("scalars", []):
