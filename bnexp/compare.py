@@ -37,8 +37,12 @@ def aggregate(runs: list[Run], keys: Sequence[str], names: Sequence[str]) -> lis
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
+    def order(values: tuple) -> tuple:  # numbers by value, then everything else by text
+        return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else (1, 0, str(v)) for v in values)
+
     rows = []
-    for values, members in groups.items():
+    for values, members in sorted(groups.items(), key=lambda item: order(item[0])):
         row: dict[str, Any] = dict(zip(keys, values))
         row["n"] = len(members)
         for name in names:

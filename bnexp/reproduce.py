@@ -330,7 +330,8 @@ def report(study_name: str, runs: list[Run], sweep_dir: Path, command: str,
         links = " ".join(f"[{i + 1}]({p.relative_to(sweep_dir)}/summary.json)"
                          for i, p in enumerate(v.runs[:12]))
         more = f" +{len(v.runs) - 12}" if len(v.runs) > 12 else ""
-        lines.append(f"| {v.claim} | {v.measured} | {len(seeds)} | **{v.verdict}** | "
+        measured = v.measured.replace("|", "\\|")  # a literal bar inside a table cell
+        lines.append(f"| {v.claim} | {measured} | {len(seeds)} | **{v.verdict}** | "
                      f"{links}{more} |")
     lines += ["", "## How verdicts are decided", "", RULES, "## Figures", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in pngs]
