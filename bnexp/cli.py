@@ -5,7 +5,7 @@ torch is imported only by the commands that train; `bnexp --help`, `bnexp list` 
 
 Exit codes: 0 completed (a diverged run is a result, so 0 too), 1 a run failed,
 2 bad input (config, override, device, dataset), 3 a sweep finished with failed jobs,
-130 interrupted.
+130 interrupted by Ctrl-C, 143 by SIGTERM (the run records status "interrupted" either way).
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def _hydra(argv: list[str]) -> int:
     saved, sys.argv = sys.argv, ["bnexp", *argv]
     try:
         main(hydra_task)()
-    except SystemExit as exc:  # Hydra reports its own errors, then exits
-        return EXIT_BAD_INPUT if exc.code else 0
+    except SystemExit as exc:  # Hydra reports its own errors, then exits; 130/143: interrupted
+        return exc.code if exc.code in (130, 143) else EXIT_BAD_INPUT if exc.code else 0
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()

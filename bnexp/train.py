@@ -8,11 +8,14 @@ are read at the log cadence.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,6 +336,24 @@ def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per
 # ----------------------------------------------------------------------------- entry
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While training, SIGTERM (a scheduler or `kill`) stops the run like Ctrl-C does, so that
+    it is recorded as interrupted instead of vanishing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as configured, record into run_dir and return the summary (also on failure)."""
     run_dir = Path(run_dir)
@@ -359,12 +380,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
              cfg.optim.name, trainer.lr, trainer.total_steps, device, threads)
     status, error, notes = "completed", None, {}
     try:
-        with trainer.progress:
+        with trainer.progress, terminate_as_interrupt():
             trainer.fit()
         if trainer.history.diverged_at_step is not None:
             status = "diverged"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see terminate_as_interrupt)
         status = "interrupted"
+        notes["interrupted_by"] = "SIGTERM" if "SIGTERM" in str(exc) else "SIGINT"
     except Exception as exc:  # recorded, then reported by the CLI with exit code 1
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.exception("bnexp: run failed")
@@ -420,6 +442,10 @@ def hydra_task(cfg: DictConfig) -> int:
         finished.append((run_dir, None, EXIT_BAD_INPUT))
         return EXIT_BAD_INPUT
     code = EXIT_BY_STATUS[summary["status"]]
+    if summary["status"] == "interrupted":
+        code = 143 if summary.get("notes", {}).get("interrupted_by") == "SIGTERM" else 130
+        finished.append((run_dir, summary, code))
+        raise SystemExit(code)  # stop here: a sweep must not go on to its next job
     finished.append((run_dir, summary, code))
     return code
 

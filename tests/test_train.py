@@ -100,3 +100,29 @@ def test_bf16_autocast_runs_on_cpu(isolated: Path) -> None:
     assert code == 0, out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["metrics"]["final_val_acc"] > 0.5
+
+
+def test_sigterm_records_an_interrupted_run_and_exits_143(isolated: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = isolated / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "bnexp", "train", "trainer.steps=100000",
+                             "trainer.progress=none", "device=cpu", f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "summary.json").is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside the training loop
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["notes"]["interrupted_by"] == "SIGTERM"
+    assert 0 < summary["metrics"]["steps"] < 100000
+    ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
+    assert ckpt["step"] == summary["metrics"]["steps"]
