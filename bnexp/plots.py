@@ -228,3 +228,31 @@ def percentile_figure(runs: list[Run]) -> Any:
     axes[0].set_ylabel("input of the last hidden sigmoid")
     axes[0].legend(fontsize=8)
     return fig
+
+
+def layer_gradient_figure(runs: list[Run]) -> Any:
+    """Per-layer gradient norms over training, with BN and without (first seed): vanishing
+    gradients in the early layers of a deep sigmoid net show as lines far below the last."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, norm in zip(axes, ("none", "batch")):
+        chosen = sorted((r for r in runs if r.config.get("model.norm") == norm),
+                        key=lambda r: (r.seed is None, r.seed))
+        if not chosen:
+            continue
+        layers = int(chosen[0].config.get("model.depth", 3)) + 1
+        for i in range(1, layers + 1):
+            series = scalar_series(chosen[0].path, f"grad_norm/layer{i}")
+            ax.plot([s for s, _ in series], [v for _, v in series], label=f"layer {i}",
+                    color=plt.cm.viridis(i / layers))
+        ax.set_yscale("log")
+        ax.set_title(f"{'with' if norm == 'batch' else 'without'} BN (seed {chosen[0].seed})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("gradient norm of the layer's weights")
+    axes[0].legend(fontsize=7)
+    return fig

@@ -313,6 +313,9 @@ def report(study_name: str, runs: list[Run], sweep_dir: Path, command: str,
     pngs = plots.save(plots.make_figures(results), sweep_dir / "plots")
     if base == "ioffe2015_fig1":
         pngs += plots.save({"percentiles": plots.percentile_figure(results)}, sweep_dir / "plots")
+    if base == "sigmoid_saturation":
+        pngs += plots.save({"layer_gradients": plots.layer_gradient_figure(results)},
+                           sweep_dir / "plots")
     statuses: dict[str, int] = {}
     for r in runs:
         statuses[r.status] = statuses.get(r.status, 0) + 1

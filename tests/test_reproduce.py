@@ -117,6 +117,16 @@ def test_tiny_study_writes_a_report_with_one_row_per_claim(isolated: Path) -> No
     assert "percentiles.png" in report
 
 
+def test_tiny_saturation_study_draws_per_layer_gradients(isolated: Path) -> None:
+    result = runner.invoke(app, ["reproduce", "sigmoid_saturation", "seed=0", "trainer.steps=20",
+                                 "trainer.eval_every=10", "trainer.diagnostics_every=5",
+                                 "trainer.progress=none", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    study_dir = isolated / "outputs" / "studies" / "sigmoid_saturation"
+    assert "layer_gradients.png" in (study_dir / "report.md").read_text()
+    assert (study_dir / "plots" / "layer_gradients.png").is_file()
+
+
 def test_tiny_santurkar_study_on_cifar_files(isolated: Path, tmp_path: Path) -> None:
     make_cifar10(tmp_path / "cifar")
     result = runner.invoke(app, [
