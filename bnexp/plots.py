@@ -203,9 +203,8 @@ def tensorboard_runs(runs: list[Run], root: Path, pngs: Sequence[Path],
     return base
 
 
-def percentile_figure(runs: list[Run]) -> Any:
-    """Ioffe & Szegedy 2015, Figure 1(b, c): the 15th, 50th and 85th percentiles of the input
-    of the last hidden sigmoid over training, with BN and without, for the first seed."""
+def _bn_panels(runs: list[Run], draw: Any, ylabel: str) -> Any:
+    """Two panels, without BN and with BN, each drawn by draw(ax, run) for the first seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,42 +216,39 @@ def percentile_figure(runs: list[Run]) -> Any:
                         key=lambda r: (r.seed is None, r.seed))
         if not chosen:
             continue
-        layer = f"act{chosen[0].config.get('model.depth', 3)}"
-        for q, style in zip(metrics.PERCENTILES, (":", "-", ":")):
-            series = scalar_series(chosen[0].path, f"act_input/{layer}/p{q}")
-            ax.plot([s for s, _ in series], [v for _, v in series], style, color="C0",
-                    label=f"{q}th percentile")
+        draw(ax, chosen[0])
         ax.set_title(f"{'with' if norm == 'batch' else 'without'} BN (seed {chosen[0].seed})")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("input of the last hidden sigmoid")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
     return fig
+
+
+def percentile_figure(runs: list[Run]) -> Any:
+    """Ioffe & Szegedy 2015, Figure 1(b, c): the 15th, 50th and 85th percentiles of the input
+    of the last hidden sigmoid over training, with BN and without, for the first seed."""
+    def draw(ax: Any, run: Run) -> None:
+        layer = f"act{run.config.get('model.depth', 3)}"
+        for q, style in zip(metrics.PERCENTILES, (":", "-", ":")):
+            series = scalar_series(run.path, f"act_input/{layer}/p{q}")
+            ax.plot([s for s, _ in series], [v for _, v in series], style, color="C0",
+                    label=f"{q}th percentile")
+
+    return _bn_panels(runs, draw, "input of the last hidden sigmoid")
 
 
 def layer_gradient_figure(runs: list[Run]) -> Any:
     """Per-layer gradient norms over training, with BN and without (first seed): vanishing
     gradients in the early layers of a deep sigmoid net show as lines far below the last."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    for ax, norm in zip(axes, ("none", "batch")):
-        chosen = sorted((r for r in runs if r.config.get("model.norm") == norm),
-                        key=lambda r: (r.seed is None, r.seed))
-        if not chosen:
-            continue
-        layers = int(chosen[0].config.get("model.depth", 3)) + 1
+    def draw(ax: Any, run: Run) -> None:
+        layers = int(run.config.get("model.depth", 3)) + 1
         for i in range(1, layers + 1):
-            series = scalar_series(chosen[0].path, f"grad_norm/layer{i}")
+            series = scalar_series(run.path, f"grad_norm/layer{i}")
             ax.plot([s for s, _ in series], [v for _, v in series], label=f"layer {i}",
                     color=plt.cm.viridis(i / layers))
         ax.set_yscale("log")
-        ax.set_title(f"{'with' if norm == 'batch' else 'without'} BN (seed {chosen[0].seed})")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("gradient norm of the layer's weights")
-    axes[0].legend(fontsize=7)
-    return fig
+
+    return _bn_panels(runs, draw, "gradient norm of the layer's weights")
