@@ -310,9 +310,11 @@ def compare(
     tolerance: float = typer.Option(0.01, help="Good-LR range: mean within this of the best."),
     lr_only: bool = typer.Option(False, "--lr", help="Only the learning-rate table."),
 ) -> None:
-    """Compare runs: the config keys that vary, against summary metrics, seeds aggregated
-    (mean ± std, n). With an LR sweep, also best LR, max stable LR and good-LR range per
-    variant."""
+    """Compare runs: varying config keys against metrics, seeds aggregated.
+
+    Rows show mean ± std and n over seeds. With an LR sweep, also best LR, max stable LR and
+    good-LR range per variant.
+    """
     from bnexp import compare as cmp
     from bnexp.config import outputs_root
     from bnexp.runs import find
@@ -367,8 +369,11 @@ def plot(
     tensorboard: bool = typer.Option(True, help="Also write seed-aggregated TensorBoard runs "
                                                 "and the figures under PATH/_aggregate."),
 ) -> None:
-    """Figures over runs: accuracy and steps-to-target vs LR with seed bands, val-accuracy
-    curves per variant, a divergence heatmap (variant x LR)."""
+    """Figures over runs, and seed-aggregated TensorBoard runs.
+
+    Accuracy and steps-to-target vs LR with seed bands, val-accuracy curves per variant, a
+    divergence heatmap (variant x LR).
+    """
     from bnexp import plots
     from bnexp.config import outputs_root
     from bnexp.runs import find
