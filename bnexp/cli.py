@@ -19,7 +19,7 @@ import typer
 
 from bnexp.config import GROUPS, default_options, describe_option, group_options
 
-EXIT_BAD_INPUT, EXIT_SOME_FAILED = 2, 3
+EXIT_BAD_INPUT = 2  # 3 (a sweep had failed jobs) is bnexp.sweep.EXIT_SOME_FAILED
 
 app = typer.Typer(
     add_completion=False,
@@ -226,7 +226,7 @@ def _sweep_summary(sweep_dir: Path) -> int:
                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     typer.echo(f"outputs:     {sweep_dir}")
     typer.echo(f"compare:     bnexp compare {sweep_dir}")
-    return EXIT_SOME_FAILED if counts.get("failed") else 0
+    return sweeps.EXIT_SOME_FAILED if counts.get("failed") else 0
 
 
 @app.command(context_settings=PASSTHROUGH)
