@@ -123,7 +123,26 @@ def _run_hydra(overrides: list[str]) -> int:
 
 @app.command(context_settings=PASSTHROUGH, help=TRAIN_HELP)
 def train(ctx: typer.Context) -> None:
-    raise typer.Exit(_run_hydra(list(ctx.args)))
+    overrides = list(ctx.args)
+    resume_at = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if resume_at and not any(o.startswith("hydra.run.dir=") for o in overrides):
+        overrides.append(f"hydra.run.dir='{resume_at[-1]}'")  # continue in the same directory
+    raise typer.Exit(_run_hydra(overrides))
+
+
+@app.command()
+def resume(run: Path = typer.Argument(..., help="The run directory to continue.")) -> None:
+    """Continue an interrupted run from its last checkpoint, with its own overrides."""
+    import yaml
+
+    overrides_file = run / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        _error(f"{run} is not a run directory: it has no .hydra/overrides.yaml. Allowed: a "
+               "directory that `bnexp train` wrote.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    given = [o for o in yaml.safe_load(overrides_file.read_text()) or []
+             if not o.startswith("resume=")]
+    raise typer.Exit(_run_hydra([*given, f"resume='{run}'", f"hydra.run.dir='{run}'"]))
 
 
 @app.command(context_settings=PASSTHROUGH)

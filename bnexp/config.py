@@ -106,6 +106,8 @@ class TrainerConfig:
     threads: str = "auto"
     deterministic: bool = False
     checkpoint: bool = True
+    # Save checkpoints/last.pt every N steps (0 = only when interrupted), for `bnexp resume`.
+    checkpoint_every: int = 500
     progress: str = "auto"
     # Convergence target for steps_to_target; None = the dataset's default (0.9 for mnist5k).
     target_acc: float | None = None
@@ -133,6 +135,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     device: str = "auto"
     seed: int = 0
+    # A run directory to continue from its last checkpoint (see `bnexp resume`).
+    resume: str | None = None
 
 
 class ConfigError(ValueError):
@@ -365,6 +369,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "auto or an integer >= 1",
     ),
     "trainer.progress": _one_of(PROGRESS),
+    "trainer.checkpoint_every": (lambda v: isinstance(v, int) and v >= 0,
+                                 "0 (only on interruption) or steps >= 1"),
     "trainer.target_acc": (lambda v: v is None or 0 < v <= 1, "null or a fraction in (0, 1]"),
     "trainer.divergence_factor": (lambda v: v > 1, "a number > 1"),
     "trainer.divergence_patience": (_positive_int, "an integer >= 1"),
@@ -433,7 +439,7 @@ def resolved(cfg: DictConfig) -> dict:
 
 
 # Keys that change how a run is shown or scheduled, not what it computes.
-UNHASHED = ("device", "trainer.threads", "trainer.progress")
+UNHASHED = ("device", "trainer.threads", "trainer.progress", "resume")
 
 
 def config_hash(cfg: DictConfig | dict) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 FINAL_CHECKPOINT = "final.pt"
+LAST_CHECKPOINT = "last.pt"  # every trainer.checkpoint_every steps, and on interruption
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 SCHEMA_VERSION = 1
 
@@ -121,7 +122,11 @@ def load_checkpoint(path: Path) -> dict:
     import torch
 
     path = Path(path)
-    file = path / CHECKPOINTS / FINAL_CHECKPOINT if path.is_dir() else path
+    file = path
+    if path.is_dir():  # the final checkpoint, else the last one of an unfinished run
+        file = path / CHECKPOINTS / FINAL_CHECKPOINT
+        if not file.is_file():
+            file = path / CHECKPOINTS / LAST_CHECKPOINT
     if not file.is_file():
         raise FileNotFoundError(
             f"{path} is neither a checkpoint file nor a run directory with "
@@ -140,10 +145,12 @@ class Events:
     """TensorBoard event writer for one run, writing into the run directory itself so that
     `tensorboard --logdir outputs` lists each run under its own readable name."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=30)
+        # purge_step: a resumed run tells TensorBoard to drop what an earlier process logged
+        # from that step on, so no step appears twice.
+        self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=30, purge_step=purge_step)
         self.writer.add_custom_scalars(LAYOUT)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bnexp import data, metrics, models, probes, record
-from bnexp.config import ConfigError, config_hash, resolved
+from bnexp.config import UNHASHED, ConfigError, config_hash, resolved
 from bnexp.device import choose_threads, environment, resolve_device, seed_everything
 
 log = logging.getLogger("bnexp")
@@ -44,6 +44,7 @@ def preflight(cfg: DictConfig) -> tuple[torch.device, data.Dataset]:
             f"Invalid value for trainer.batch_size: {cfg.trainer.batch_size}. Allowed: at most "
             f"the training set size of data={cfg.data.name}, {n} samples."
         )
+    resume_checkpoint(cfg)  # a bad resume path or a changed config stops here too
     return device, ds
 
 
@@ -120,7 +121,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: data.In
 
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, ds: data.Dataset,
-                 model: nn.Module):
+                 model: nn.Module, config: dict, purge_step: int | None = None):
         # A plain dataclass: DictConfig attribute reads cost ~50 us each, many per step.
         self.cfg, self.t = cfg, OmegaConf.to_object(cfg.trainer)
         self.device, self.ds, self.model = device, ds, model
@@ -136,7 +137,8 @@ class Trainer:
         self.augment = bool(cfg.data.augment)
         self.activation = str(cfg.model.activation)
         self.params = list(model.parameters())
-        self.events = record.Events(run_dir)
+        self.run_dir, self.config = run_dir, config
+        self.events = record.Events(run_dir, purge_step)
         self.history = History()
         self.step = 0
         self.progress = Progress(self.t.progress, self.total_steps, self.steps_per_epoch)
@@ -147,6 +149,11 @@ class Trainer:
         self.grad_norms = torch.zeros(self.total_steps, device=device)
         self.started = time.perf_counter()
         self.off_clock = 0.0  # seconds spent on eval and probes inside the current log window
+        # Loop state (see fit): the data order and the open log window.
+        self.epoch, self.perm, self.pos = 0, None, 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.window_steps, self.window_start = 0, time.perf_counter()
 
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.ds.x_train[idx]
@@ -166,34 +173,48 @@ class Trainer:
         self.scheduler.step()
         return loss.detach(), (logits.argmax(1) == y).sum()
 
-    def train_one_epoch(self, epoch: int) -> bool:
-        """One pass over the shuffled training set; False once the run must stop."""
+    def next_batch(self) -> torch.Tensor:
+        """Indices of the next batch; a new shuffled epoch when the current one is used up
+        (its last partial batch is dropped: a BN batch of one or two samples is meaningless)."""
+        bs = self.t.batch_size
+        if self.perm is None or (self.pos + 1) * bs > len(self.perm):
+            self.epoch += 1
+            self.perm = torch.randperm(len(self.ds.y_train), generator=self.generator,
+                                       device=self.device)
+            self.pos = 0
+        self.pos += 1
+        return self.perm[(self.pos - 1) * bs : self.pos * bs]
+
+    def fit(self, stop: StopFlag) -> None:
+        """Train to the step budget, or until divergence or a stop signal. All loop state lives
+        on the trainer, so that a checkpoint taken between steps resumes exactly."""
         t = self.t
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        window_steps, window_start = 0, time.perf_counter()
-        for idx in data.epoch_batches(len(self.ds.y_train), t.batch_size, self.generator,
-                                      self.device):
-            loss, hits = self.train_step(idx)
-            loss_sum += loss
-            correct += hits
-            window_steps += 1
+        if self.step == 0:
+            self.diagnose()
+        self.window_start = time.perf_counter()
+        while self.step < self.total_steps:
+            loss, hits = self.train_step(self.next_batch())
+            self.loss_sum += loss
+            self.correct += hits
+            self.window_steps += 1
             self.step += 1
             last = self.step == self.total_steps
             if self.step % t.log_every == 0 or last:
-                seconds = time.perf_counter() - window_start - self.off_clock
-                if not self.log_window(epoch, loss_sum, correct, window_steps, seconds):
-                    self.evaluate_and_log(epoch)  # what a diverged net scores, for the tables
-                    return False
-                loss_sum.zero_()
-                correct.zero_()
-                window_steps, window_start, self.off_clock = 0, time.perf_counter(), 0.0
+                seconds = time.perf_counter() - self.window_start - self.off_clock
+                if not self.log_window(self.epoch, self.loss_sum, self.correct,
+                                       self.window_steps, seconds):
+                    self.evaluate_and_log(self.epoch)  # what a diverged net scores
+                    return
+                self.loss_sum.zero_()
+                self.correct.zero_()
+                self.window_steps, self.window_start, self.off_clock = 0, time.perf_counter(), 0.0
             if self.step % t.eval_every == 0 or last:
-                self.timed_off_clock(self.evaluate_and_log, epoch)
+                self.timed_off_clock(self.evaluate_and_log, self.epoch)
             self.timed_off_clock(self.diagnose, last)
-            if last:
-                return False
-        return True
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
+                self.timed_off_clock(self.save, record.LAST_CHECKPOINT)
+            if stop.signal:  # between steps: the state is consistent here
+                raise KeyboardInterrupt(stop.signal)
 
     def log_window(self, epoch: int, loss_sum: torch.Tensor, correct: torch.Tensor,
                    steps: int, seconds: float) -> bool:
@@ -257,16 +278,58 @@ class Trainer:
             self.history.landscape.append((step, found))
             self.events.scalars(step, {f"landscape/{k}": v for k, v in found.items()})
 
-    def fit(self) -> None:
-        self.diagnose()
-        epoch = 0
-        while self.train_one_epoch(epoch + 1):
-            epoch += 1
+    def checkpoint_state(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizer and schedule, the
+        data order (this epoch's permutation and position), every RNG, the open log window
+        and the history so far."""
+        import dataclasses
+        import random
 
-    def checkpoint_state(self, config: dict) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "config": config, "step": self.step,
-                "in_shape": list(self.ds.in_shape), "num_classes": self.ds.num_classes}
+        import numpy as np
+
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "config": self.config,
+            "config_raw": getattr(self, "config_raw", None),
+            "config_hash": config_hash(self.cfg), "step": self.step, "epoch": self.epoch,
+            "perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos,
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            "window": (self.loss_sum.cpu(), self.correct.cpu(), self.window_steps),
+            "grad_norms": self.grad_norms.cpu(), "history": dataclasses.asdict(self.history),
+            "elapsed": time.perf_counter() - self.started,
+            "in_shape": list(self.ds.in_shape), "num_classes": self.ds.num_classes,
+        }
+
+    def save(self, name: str) -> None:
+        record.save_checkpoint(self.run_dir, self.checkpoint_state(), name)
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from a checkpoint_state()."""
+        import random
+
+        import numpy as np
+
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step, self.epoch, self.pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
+        self.perm = None if ckpt["perm"] is None else ckpt["perm"].to(self.device)
+        self.generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        np.random.set_state(ckpt["numpy_rng"])
+        random.setstate(ckpt["python_rng"])
+        loss_sum, correct, self.window_steps = ckpt["window"]
+        self.loss_sum, self.correct = loss_sum.to(self.device), correct.to(self.device)
+        self.grad_norms = ckpt["grad_norms"].to(self.device)
+        h = ckpt["history"]
+        self.history = History(**{k: [tuple(x) if isinstance(x, list) else x for x in v]
+                                  if isinstance(v, list) and k != "grad_norms" else v
+                                  for k, v in h.items()})
+        self.started = time.perf_counter() - ckpt["elapsed"]
 
 
 def diagnostic_summary(points: list[tuple[int, dict[str, float]]]) -> dict:
@@ -336,22 +399,58 @@ def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per
 # ----------------------------------------------------------------------------- entry
 
 
+@dataclass
+class StopFlag:
+    signal: str | None = None
+
+
 @contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """While training, SIGTERM (a scheduler or `kill`) stops the run like Ctrl-C does, so that
-    it is recorded as interrupted instead of vanishing."""
+def stop_on_signals() -> Iterator[StopFlag]:
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at the end of the current step, where
+    a checkpoint is consistent; the run is then recorded as interrupted."""
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield flag
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt("SIGTERM")
+        flag.signal = signal.Signals(signum).name
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resume_checkpoint(cfg: DictConfig) -> dict | None:
+    """The checkpoint to continue from when cfg.resume is set, after checking that it is a
+    run directory of this very config; None when not resuming."""
+    if not cfg.resume:
+        return None
+    path = Path(str(cfg.resume))
+    last = path / record.CHECKPOINTS / record.LAST_CHECKPOINT
+    if not (path / record.SUMMARY).is_file() or not last.is_file():
+        raise ConfigError(
+            f"Invalid value for resume: {str(path)!r}. Allowed: a run directory with "
+            f"{record.SUMMARY} and {record.CHECKPOINTS}/{record.LAST_CHECKPOINT} (written every "
+            f"trainer.checkpoint_every steps and when a run is interrupted)."
+        )
+    ckpt = record.load_checkpoint(last)
+    if ckpt.get("config_hash") != config_hash(cfg):
+        from bnexp.runs import flatten
+
+        now, then = flatten(resolved(cfg)), flatten(ckpt.get("config_raw", {}))
+        diff = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+                for k in sorted(set(now) | set(then))
+                if now.get(k) != then.get(k) and k not in UNHASHED]
+        raise ConfigError(
+            f"resume={path}: the config does not match the checkpoint's ("
+            + "; ".join(diff[:5]) + "). Resume with the run's own overrides: "
+            f"`bnexp resume {path}`."
+        )
+    return ckpt
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -362,6 +461,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])
     started = time.perf_counter()
     device, ds = preflight(cfg)
+    ckpt = resume_checkpoint(cfg)
+    if ckpt and Path(str(cfg.resume)).resolve() != run_dir.resolve():
+        raise ConfigError(f"resume={cfg.resume} must continue in its own directory; "
+                          f"drop hydra.run.dir or set it to {cfg.resume}.")
     config = resolved(cfg)
     # Record the values that ran, not the "auto" placeholders.
     config["model"]["affine"] = models.Knobs.from_config(cfg.model).affine
@@ -374,22 +477,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     ds = ds.to(device)
     model = models.build(cfg.model, ds.in_shape, ds.num_classes).to(device)
     record.write_summary(run_dir, "running", config, {}, env, config_hash=config_hash(cfg))
-    trainer = Trainer(cfg, run_dir, device, ds, model)
-    log.info("bnexp: %s, %s (norm=%s, activation=%s), %s lr=%g, %d steps on %s, threads=%d",
+    trainer = Trainer(cfg, run_dir, device, ds, model, config,
+                      purge_step=ckpt["step"] + 1 if ckpt else None)
+    trainer.config_raw = resolved(cfg)
+    if ckpt:
+        trainer.restore(ckpt)
+        started = time.perf_counter() - ckpt["elapsed"]
+    log.info("bnexp: %s, %s (norm=%s, activation=%s), %s lr=%g, %d steps on %s, threads=%d%s",
              cfg.data.name, cfg.model.name, cfg.model.norm, cfg.model.activation,
-             cfg.optim.name, trainer.lr, trainer.total_steps, device, threads)
+             cfg.optim.name, trainer.lr, trainer.total_steps, device, threads,
+             f", resuming at step {trainer.step}" if ckpt else "")
     status, error, notes = "completed", None, {}
     try:
-        with trainer.progress, terminate_as_interrupt():
-            trainer.fit()
+        with trainer.progress, stop_on_signals() as stop:
+            trainer.fit(stop)
         if trainer.history.diverged_at_step is not None:
             status = "diverged"
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see terminate_as_interrupt)
+    except KeyboardInterrupt as exc:  # a stop signal (see stop_on_signals), or a raw Ctrl-C
         status = "interrupted"
         notes["interrupted_by"] = "SIGTERM" if "SIGTERM" in str(exc) else "SIGINT"
     except Exception as exc:  # recorded, then reported by the CLI with exit code 1
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.exception("bnexp: run failed")
+    if status == "interrupted" or (status == "failed" and cfg.trainer.checkpoint_every):
+        trainer.save(record.LAST_CHECKPOINT)  # what `bnexp resume` continues from
     trainer.history.grad_norms = trainer.grad_norms[: trainer.step].tolist()
     summary = summarize(trainer.history, cfg.trainer, trainer.step, trainer.total_steps,
                         trainer.steps_per_epoch, target, time.perf_counter() - started)
@@ -401,8 +512,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         summary.update(modes)
     trainer.events.hparams(trainer.step, config, summary)
     trainer.events.close()
-    if cfg.trainer.checkpoint and status != "failed":
-        record.save_checkpoint(run_dir, trainer.checkpoint_state(config))
+    if cfg.trainer.checkpoint and status in ("completed", "diverged"):
+        trainer.save(record.FINAL_CHECKPOINT)
     extra = {"error": error} if error else {}
     if notes:
         extra["notes"] = notes
@@ -438,7 +549,8 @@ def hydra_task(cfg: DictConfig) -> int:
                                  config_hash=config_hash(cfg))
             finished.append((run_dir, None, 1))
             return 1
-        remove_hydra_files(run_dir)
+        if not cfg.resume:  # never touch the files of a run being resumed
+            remove_hydra_files(run_dir)
         finished.append((run_dir, None, EXIT_BAD_INPUT))
         return EXIT_BAD_INPUT
     code = EXIT_BY_STATUS[summary["status"]]

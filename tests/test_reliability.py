@@ -1,0 +1,215 @@
+"""Faults: interruption and resume, hard kills, concurrent runs and sweeps, full disks, and
+random override strings. Nothing finished is lost and every error is a clear one."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
+
+from bnexp.cli import app
+from bnexp.config import ConfigError, compose
+
+runner = CliRunner()
+RUN = ["trainer.steps=1500", "trainer.eval_every=50", "trainer.log_every=10",
+       "trainer.checkpoint_every=100", "trainer.diagnostics_every=50", "trainer.progress=none",
+       "device=cpu"]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bnexp", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=os.environ.copy(),
+                            start_new_session=True)
+
+
+def wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def comparable(run_dir: Path) -> dict:
+    m = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    return {k: v for k, v in m.items() if "second" not in k and k != "samples_per_second"}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    sa = torch.load(a / "checkpoints" / "final.pt", weights_only=False)["model"]
+    sb = torch.load(b / "checkpoints" / "final.pt", weights_only=False)["model"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    result = runner.invoke(app, ["train", *RUN, f"hydra.run.dir={run_dir}"])
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_interrupt_at_a_random_step_then_resume_is_bit_identical(
+        how: signal.Signals, reference: Path, isolated: Path) -> None:
+    run_dir = isolated / "run"
+    proc = start(["train", *RUN, f"hydra.run.dir={run_dir}"])
+    # SIGKILL can only resume from a periodic checkpoint: wait for the first one.
+    wait_for(run_dir / ("checkpoints/last.pt" if how == signal.SIGKILL else "summary.json"))
+    time.sleep(random.uniform(0.0, 0.5))
+    os.killpg(proc.pid, how)
+    code = proc.wait(timeout=60)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] != "completed", "the run ended before the signal: make it longer"
+    if how == signal.SIGINT:
+        assert code == 130 and summary["status"] == "interrupted"
+    else:
+        assert summary["status"] == "running"  # no chance to write more: still valid JSON
+    result = runner.invoke(app, ["resume", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert comparable(run_dir) == comparable(reference)
+    assert same_weights(run_dir, reference)
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 1500  # appended, no step twice
+
+
+def test_resume_errors(isolated: Path, reference: Path) -> None:
+    not_a_run = runner.invoke(app, ["train", f"resume={isolated}"])
+    assert not_a_run.exit_code == 2 and "resume" in not_a_run.output
+    assert runner.invoke(app, ["resume", str(isolated)]).exit_code == 2
+    # A run directory whose checkpoint came from another config.
+    run_dir = isolated / "other"
+    proc = start(["train", *RUN, f"hydra.run.dir={run_dir}"])
+    wait_for(run_dir / "summary.json")
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    mismatch = runner.invoke(app, ["train", *RUN, "optim.lr=0.5", f"resume={run_dir}"])
+    assert mismatch.exit_code == 2
+    assert "does not match" in mismatch.output and "optim.lr" in mismatch.output
+
+
+def test_hard_kills_never_leave_a_half_written_file(isolated: Path) -> None:
+    run_dir = isolated / "kill"
+    for _ in range(3):
+        proc = start(["train", *RUN, "trainer.checkpoint_every=20", f"hydra.run.dir={run_dir}"])
+        wait_for(run_dir / "summary.json")
+        time.sleep(random.uniform(0.2, 2.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        for path in run_dir.rglob("*"):
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".pt":
+                torch.load(path, weights_only=False)
+        assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_runs_started_together_get_their_own_directories(isolated: Path) -> None:
+    procs = [start(["train", "trainer=debug", "trainer.progress=none"]) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    dirs = list((isolated / "outputs" / "runs").iterdir())
+    assert len(dirs) == 2
+    assert all(json.loads((d / "summary.json").read_text())["status"] == "completed"
+               for d in dirs)
+
+
+def test_two_processes_resuming_one_sweep_never_run_a_job_twice(isolated: Path) -> None:
+    args = ["sweep", "--name", "both", "seed=0,1,2,3", "trainer.steps=60",
+            "trainer.progress=none", "trainer.checkpoint=false", "device=cpu"]
+    procs = [start(args) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    sweep_dir = isolated / "outputs" / "sweeps" / "both"
+    for job in sweep_dir.glob("seed=*"):
+        assert len(list(job.glob("events.out.tfevents.*"))) == 1, job  # ran exactly once
+        assert json.loads((job / "summary.json").read_text())["status"] == "completed"
+    ran = sum(len([ln for ln in out.splitlines() if ": completed" in ln]) for out in outputs)
+    assert ran == 4
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert {j["status"] for j in manifest["jobs"].values()} == {"completed"}
+
+
+def test_a_full_disk_fails_clearly_and_keeps_earlier_results(
+        isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnexp import record
+
+    first = isolated / "first"
+    assert runner.invoke(app, ["train", "trainer=debug", "device=cpu",
+                               f"hydra.run.dir={first}"]).exit_code == 0
+    before = (first / "summary.json").read_bytes()
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] > 1:  # the "running" summary fits, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(record.os, "fsync", full_disk)
+    second = isolated / "second"
+    result = runner.invoke(app, ["train", "trainer=debug", "device=cpu",
+                                 f"hydra.run.dir={second}"])
+    assert result.exit_code == 1
+    assert "No space left on device" in result.output and "disk" in result.output
+    assert (first / "summary.json").read_bytes() == before
+    json.loads((second / "summary.json").read_text())  # the earlier write is intact
+    assert not list(second.rglob("*.tmp"))
+
+
+def test_unwritable_outputs_is_a_clear_error(isolated: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = isolated / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("BNEXP_OUTPUTS", str(blocker / "outputs"))
+    result = runner.invoke(app, ["train", "trainer=debug"])
+    assert result.exit_code == 2
+    assert "cannot write" in result.output and str(blocker) in result.output
+
+
+def test_nan_in_bn_running_statistics_does_not_crash_evaluation() -> None:
+    from bnexp.data import Inputs
+    from bnexp.models import build, norm_layers
+    from bnexp.train import evaluate
+
+    model = build(compose([]).model, (1, 28, 28), 10)
+    for _, bn in norm_layers(model):
+        bn.running_mean.fill_(float("nan"))
+
+    class Fake:
+        mean, std = torch.zeros(1), torch.ones(1)
+
+    x = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8)
+    loss, acc = evaluate(model, x, torch.zeros(20, dtype=torch.long), Inputs(Fake, True), 8)
+    assert loss != loss and 0 <= acc <= 1  # NaN loss, still a number for accuracy
+
+
+KEYS = ["model.norm", "model.nrom", "optim.lr", "trainer.batch_size", "seed", "device",
+        "model", "data", "trainer.threads", "model.affine", "hydra.run.dir", "+x", "~seed"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.text(max_size=20),
+    st.tuples(st.sampled_from(KEYS), st.text(max_size=8)).map(lambda kv: f"{kv[0]}={kv[1]}"),
+), max_size=3))
+def test_random_overrides_give_a_config_or_a_clear_error(overrides: list[str]) -> None:
+    try:
+        compose(overrides)
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc).strip()
