@@ -86,6 +86,30 @@ def _hydra(argv: list[str]) -> int:
     return 0
 
 
+def _check_writable(overrides: list[str]) -> None:
+    """The run's directory must be creatable: say so now rather than as Hydra's traceback."""
+    import tempfile
+
+    from bnexp.config import ConfigError, outputs_root
+
+    given = [o.split("=", 1)[1].strip("'\"") for o in overrides
+             if o.startswith("hydra.run.dir=")]
+    target = Path(given[-1]) if given else outputs_root() / "runs"
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        key = "hydra.run.dir" if given else "BNEXP_OUTPUTS (the outputs root)"
+        raise ConfigError(
+            f"Invalid value for {key}: {str(target)!r}. bnexp cannot write there ({exc}). "
+            f"Allowed: a directory you can write to, or one that can be created."
+        ) from None
+
+
 def _run_hydra(overrides: list[str]) -> int:
     from bnexp.config import ConfigError, compose
 
@@ -100,6 +124,7 @@ def _run_hydra(overrides: list[str]) -> int:
                 preflight(cfg)
             except DataError as exc:
                 raise ConfigError(str(exc)) from None
+            _check_writable(overrides)
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_BAD_INPUT

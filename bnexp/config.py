@@ -181,6 +181,20 @@ def run_name(override_dirname: str) -> str:
     return f"{stamp}_{override_dirname}" if override_dirname else stamp
 
 
+def make_run_dir(root: str, override_dirname: str) -> str:
+    """Create a new run directory under root and return its path. mkdir is exclusive, so
+    processes started at the same moment still get directories of their own."""
+    base = Path(root) / run_name(override_dirname)
+    for i in range(1000):
+        candidate = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run directory name next to {base}")
+
+
 _registered = False
 
 
@@ -198,8 +212,8 @@ def register() -> None:
     ConfigStore.instance().store(name="bnexp_schema", node=Config)
     # Editable installs hide our plugin from Hydra's package scan: register it by hand.
     Plugins.instance().register(BnexpSweeper)
-    # Cached so the run directory name is computed once per process.
-    OmegaConf.register_new_resolver("bnexp_run_name", run_name, use_cache=True, replace=True)
+    # Cached: the run directory is made once per process.
+    OmegaConf.register_new_resolver("bnexp_run_dir", make_run_dir, use_cache=True, replace=True)
     _registered = True
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -108,6 +109,49 @@ def clear_run_dir(run_dir: Path) -> None:
     """Empty a job directory before re-running it, so TensorBoard never sees two histories."""
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
+
+
+CLAIMS = ".claims"
+
+
+def claim(sweep_dir: Path, name: str) -> bool:
+    """Take the job for this process (an exclusive claim file) unless a live process on this
+    host holds it; a claim left by a dead process is taken over."""
+    folder = sweep_dir / CLAIMS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held_by_live_process(path):
+                return False
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def _held_by_live_process(path: Path) -> bool:
+    try:
+        host, pid = path.read_text().split()
+    except (OSError, ValueError):
+        return True  # being written right now
+    if host != socket.gethostname():
+        return True  # another machine's (a cluster): trust it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release(sweep_dir: Path, name: str) -> None:
+    (sweep_dir / CLAIMS / f"{name}.claim").unlink(missing_ok=True)
 
 
 def counts(manifest: dict) -> Counter:

@@ -553,6 +553,13 @@ def hydra_task(cfg: DictConfig) -> int:
             remove_hydra_files(run_dir)
         finished.append((run_dir, None, EXIT_BAD_INPUT))
         return EXIT_BAD_INPUT
+    except OSError as exc:  # the disk filled up, or the directory went away
+        print(f"bnexp: error: could not write the run's files in {run_dir}: {exc}. If the disk "
+              "is full, free space and run `bnexp resume` (or rerun the sweep). Results "
+              "written earlier are intact: every file is written to a temporary name first.",
+              file=sys.stderr)
+        finished.append((run_dir, None, 1))
+        return 1
     code = EXIT_BY_STATUS[summary["status"]]
     if summary["status"] == "interrupted":
         code = 143 if summary.get("notes", {}).get("interrupted_by") == "SIGTERM" else 130

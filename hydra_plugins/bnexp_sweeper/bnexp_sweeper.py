@@ -104,18 +104,53 @@ class BnexpSweeper(Sweeper):
                                        else len(todo))
         returns, done = [], len(plan) - len(todo)
         for start in range(0, len(todo), max(size, 1)):
-            chunk = todo[start : start + size]
+            chunk = []
+            for job in todo[start : start + size]:
+                # Another process resuming the same sweep may have run or taken this job;
+                # the status is read again once claimed, since a claim is released only
+                # after the job's summary is written.
+                if not sweep.claim(sweep_dir, job["name"]):
+                    done += 1
+                    log.info("[%d/%d] %s: running in another process, skipped", done,
+                             len(plan), job["name"])
+                elif sweep.job_status(sweep_dir / job["name"], job["hash"]) in sweep.FINISHED:
+                    sweep.release(sweep_dir, job["name"])
+                    done += 1
+                    log.info("[%d/%d] %s: finished by another process", done, len(plan),
+                             job["name"])
+                else:
+                    chunk.append(job)
             for job in chunk:
                 sweep.clear_run_dir(sweep_dir / job["name"])
             batch = [[*job["overrides"], f"hydra.sweep.subdir='{job['name']}'"]
                      for job in chunk]
-            returns.append(self.launcher.launch(batch, initial_job_idx=start))
+            try:
+                if batch:
+                    returns.append(self.launcher.launch(batch, initial_job_idx=start))
+            finally:
+                for job in chunk:
+                    sweep.release(sweep_dir, job["name"])
             for job in chunk:
                 status = sweep.job_status(sweep_dir / job["name"], job["hash"])
                 status = "failed" if status in ("pending", "stale") else status
                 manifest["jobs"][job["name"]]["status"] = status
                 done += 1
                 log.info("[%d/%d] %s: %s", done, len(plan), job["name"], status)
-            manifest["updated"] = __import__("time").strftime("%Y-%m-%dT%H:%M:%S")
-            sweep.write_json_atomic(sweep_dir / sweep.MANIFEST, manifest)
+            self._write_manifest(sweep_dir, manifest, plan)
         return returns
+
+    @staticmethod
+    def _write_manifest(sweep_dir: Path, manifest: dict, plan: list[dict]) -> None:
+        """Statuses as the job directories say now (other processes may share the sweep)."""
+        import time
+
+        from bnexp import sweep
+
+        for job in plan:
+            status = sweep.job_status(sweep_dir / job["name"], job["hash"])
+            if status not in ("pending", "stale"):
+                manifest["jobs"][job["name"]]["status"] = (
+                    "running" if status == "interrupted"
+                    and (sweep_dir / sweep.CLAIMS / f"{job['name']}.claim").exists() else status)
+        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        sweep.write_json_atomic(sweep_dir / sweep.MANIFEST, manifest)
