@@ -105,6 +105,12 @@ def job_status(run_dir: Path, expected_hash: str) -> str:
     return "interrupted" if status == "running" else status
 
 
+def resumable(run_dir: Path, expected_hash: str) -> bool:
+    """An unfinished job of this very config with a checkpoint to continue from."""
+    return (job_status(run_dir, expected_hash) in ("interrupted", "failed")
+            and (run_dir / "checkpoints" / "last.pt").is_file())
+
+
 def clear_run_dir(run_dir: Path) -> None:
     """Empty a job directory before re-running it, so TensorBoard never sees two histories."""
     if run_dir.is_dir():

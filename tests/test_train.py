@@ -124,5 +124,8 @@ def test_sigterm_records_an_interrupted_run_and_exits_143(isolated: Path) -> Non
     assert summary["status"] == "interrupted"
     assert summary["notes"]["interrupted_by"] == "SIGTERM"
     assert 0 < summary["metrics"]["steps"] < 100000
-    ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
+    # An unfinished run keeps last.pt (what `bnexp resume` continues from); final.pt is
+    # written only when a run finishes.
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["step"] == summary["metrics"]["steps"]
+    assert not (run_dir / "checkpoints" / "final.pt").exists()

@@ -120,10 +120,16 @@ class BnexpSweeper(Sweeper):
                              job["name"])
                 else:
                     chunk.append(job)
+            batch = []
             for job in chunk:
-                sweep.clear_run_dir(sweep_dir / job["name"])
-            batch = [[*job["overrides"], f"hydra.sweep.subdir='{job['name']}'"]
-                     for job in chunk]
+                run_dir = sweep_dir / job["name"]
+                extra = [f"hydra.sweep.subdir='{job['name']}'"]
+                if sweep.resumable(run_dir, job["hash"]):  # continue from its checkpoint
+                    extra.append(f"resume='{run_dir}'")
+                    log.info("%s: resuming from its last checkpoint", job["name"])
+                else:
+                    sweep.clear_run_dir(run_dir)
+                batch.append([*job["overrides"], *extra])
             try:
                 if batch:
                     returns.append(self.launcher.launch(batch, initial_job_idx=start))
