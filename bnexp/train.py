@@ -29,6 +29,7 @@ from bnexp.config import UNHASHED, ConfigError, config_hash, resolved
 from bnexp.device import choose_threads, environment, resolve_device, seed_everything
 
 log = logging.getLogger("bnexp")
+RESIDENT_FLOAT_BYTES = 2**31  # a standardized float copy of the training set up to this size
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -57,11 +58,15 @@ def effective_lr(cfg: DictConfig) -> float:
 
 
 def build_optimizer(o: DictConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    # The fused kernel updates all parameters in one pass: on CPU it took 0.16 ms per MLP step
+    # here against 0.29 ms for torch's default per-parameter loop.
+    device = next(model.parameters()).device.type
+    fast = {"fused": True} if device in ("cpu", "cuda") else {"foreach": True}
     if o.name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum,
-                               nesterov=o.nesterov, weight_decay=o.weight_decay)
+                               nesterov=o.nesterov, weight_decay=o.weight_decay, **fast)
     return torch.optim.Adam(model.parameters(), lr=lr, betas=(o.beta1, o.beta2),
-                            weight_decay=o.weight_decay)
+                            weight_decay=o.weight_decay, **fast)
 
 
 def lr_factor(o: DictConfig, total_steps: int) -> Callable[[int], float]:
@@ -126,6 +131,11 @@ class Trainer:
         self.cfg, self.t = cfg, OmegaConf.to_object(cfg.trainer)
         self.device, self.ds, self.model = device, ds, model
         self.inputs = data.Inputs(ds, cfg.data.normalize)
+        self.augment = bool(cfg.data.augment)
+        # Standardize the training set once when no batch is augmented: converting and scaling
+        # each uint8 batch cost ~0.4 ms of a ~4 ms MLP step here.
+        resident = not self.augment and ds.x_train.numel() * 4 <= RESIDENT_FLOAT_BYTES
+        self.x_train = self.inputs(ds.x_train) if resident else None
         self.lr = effective_lr(cfg)
         self.optimizer = build_optimizer(cfg.optim, model, self.lr)
         self.steps_per_epoch = len(ds.y_train) // self.t.batch_size
@@ -134,7 +144,6 @@ class Trainer:
             self.optimizer, lr_factor(cfg.optim, self.total_steps))
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.autocast = self.t.precision == "bf16"
-        self.augment = bool(cfg.data.augment)
         self.activation = str(cfg.model.activation)
         self.params = list(model.parameters())
         self.run_dir, self.config = run_dir, config
@@ -155,13 +164,20 @@ class Trainer:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.window_steps, self.window_start = 0, time.perf_counter()
 
-    def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.ds.x_train[idx]
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """The model inputs of a batch of training indices."""
+        # index_select, not x[idx]: 0.03 vs 0.18 ms for a 128-row MNIST batch on CPU here.
+        if self.x_train is not None:
+            return self.x_train.index_select(0, idx)
+        x = self.ds.x_train.index_select(0, idx)
         if self.augment:
             x = data.augment(x, self.generator)
-        y = self.ds.y_train[idx]
+        return self.inputs(x)
+
+    def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(idx), self.ds.y_train[idx]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.model(self.inputs(x))
+            logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -453,8 +469,9 @@ def resume_checkpoint(cfg: DictConfig) -> dict | None:
     return ckpt
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train as configured, record into run_dir and return the summary (also on failure)."""
+def prepare(cfg: DictConfig, run_dir: Path) -> Trainer:
+    """Everything before the first step: checks, data and model on the device, the trainer,
+    the `running` summary, and the state of a checkpoint when resuming."""
     run_dir = Path(run_dir)
     # The first optimizer built in a process imports torch._dynamo (~3 s here): pay that before
     # the clock starts, so that wall_seconds measures the run and not Python's imports.
@@ -480,13 +497,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = Trainer(cfg, run_dir, device, ds, model, config,
                       purge_step=ckpt["step"] + 1 if ckpt else None)
     trainer.config_raw = resolved(cfg)
+    trainer.env, trainer.target, trainer.resumed = env, target, ckpt is not None
     if ckpt:
         trainer.restore(ckpt)
         started = time.perf_counter() - ckpt["elapsed"]
+    trainer.run_started = started
+    trainer.setup_seconds = time.perf_counter() - started  # imports excluded (paid above)
     log.info("bnexp: %s, %s (norm=%s, activation=%s), %s lr=%g, %d steps on %s, threads=%d%s",
              cfg.data.name, cfg.model.name, cfg.model.norm, cfg.model.activation,
              cfg.optim.name, trainer.lr, trainer.total_steps, device, threads,
              f", resuming at step {trainer.step}" if ckpt else "")
+    return trainer
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train as configured, record into run_dir and return the summary (also on failure)."""
+    trainer = prepare(cfg, run_dir)
     status, error, notes = "completed", None, {}
     try:
         with trainer.progress, stop_on_signals() as stop:
@@ -499,18 +525,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     except Exception as exc:  # recorded, then reported by the CLI with exit code 1
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.exception("bnexp: run failed")
+    return finish(trainer, status, error, notes)
+
+
+def finish(trainer: Trainer, status: str, error: str | None = None,
+           notes: dict | None = None) -> dict:
+    """Write what a run ends with: checkpoint, summary metrics, final evaluations in both BN
+    modes, HParams, summary.json. Returns the summary as read back from disk."""
+    cfg, run_dir, notes = trainer.cfg, trainer.run_dir, dict(notes or {})
     if status == "interrupted" or (status == "failed" and cfg.trainer.checkpoint_every):
         trainer.save(record.LAST_CHECKPOINT)  # what `bnexp resume` continues from
     trainer.history.grad_norms = trainer.grad_norms[: trainer.step].tolist()
     summary = summarize(trainer.history, cfg.trainer, trainer.step, trainer.total_steps,
-                        trainer.steps_per_epoch, target, time.perf_counter() - started)
+                        trainer.steps_per_epoch, trainer.target,
+                        time.perf_counter() - trainer.run_started)
     summary["lr"] = trainer.lr
+    summary["setup_seconds"] = None if trainer.resumed else trainer.setup_seconds
     if status in ("completed", "diverged"):
-        modes, notes = probes.mode_comparison(
-            model, ds.x_val, ds.y_val, trainer.inputs, cfg.trainer.batch_size,
-            bs1_samples=100 if cfg.trainer.diagnostics else 0)
+        modes, found = probes.mode_comparison(
+            trainer.model, trainer.ds.x_val, trainer.ds.y_val, trainer.inputs,
+            cfg.trainer.batch_size, bs1_samples=100 if cfg.trainer.diagnostics else 0)
         summary.update(modes)
-    trainer.events.hparams(trainer.step, config, summary)
+        notes.update(found)
+    trainer.events.hparams(trainer.step, trainer.config, summary)
     trainer.events.close()
     if cfg.trainer.checkpoint and status in ("completed", "diverged"):
         trainer.save(record.FINAL_CHECKPOINT)
@@ -518,7 +555,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if notes:
         extra["notes"] = notes
     extra["config_hash"] = config_hash(cfg)
-    path = record.write_summary(run_dir, status, config, summary, env, **extra)
+    path = record.write_summary(run_dir, status, trainer.config, summary, trainer.env, **extra)
     return record.read_summary(path.parent)
 
 

@@ -1,0 +1,490 @@
+"""How fast is bnexp, measured against the references that matter, in one process.
+
+Every figure is a median over interleaved repeats (a shared machine drifts; interleaving makes the
+drift hit every variant alike), and every claim is a ratio of two figures from this same run:
+
+  throughput  bnexp's training loop vs a minimal hand-written loop over resident tensors (the
+              practical ceiling of eager PyTorch), vs the DataLoader loop most users write
+              (torchvision dataset + ToTensor/Normalize, 0 and 2 workers), and vs the arithmetic
+              limit (FLOPs per sample x samples / the matmul rate measured here);
+  threads     1 vs 2 torch threads, on an idle machine and beside a busy process, and what
+              trainer.threads=auto picks;
+  precision   bf16 autocast vs fp32: step time and the effect on the result;
+  vectorized  K models trained at once (`bnexp sweep --vectorize`) vs K sequential runs;
+  startup     `bnexp --help`, `bnexp list`, `bnexp compare` (no torch import) and a run's own
+              set-up time, imports excluded;
+  gpu         eager vs compiled / CUDA-graph steps, when a GPU is present.
+
+    python scripts/bench.py [--quick] [--only SECTION ...] [--repeats N] [--json FILE]
+
+--quick shrinks every size so that the whole script runs in about a minute (the test suite runs
+it that way, to check that it works; its figures are not meant to be quoted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bnexp import data, models, train
+from bnexp.config import compose
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("throughput", "threads", "precision", "vectorized", "startup", "gpu")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def median_of(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median of each variant's figure, the variants taking turns in every round."""
+    values: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            values[name].append(fn())
+    return {name: statistics.median(v) for name, v in values.items()}
+
+
+@contextlib.contextmanager
+def busy_process() -> Iterator[None]:
+    """One process spinning on a core, as on a shared machine."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cfg_for(model: str, batch_size: int, steps: int, extra: list[str] = ()) -> object:
+    return compose([f"model={model}", f"trainer.batch_size={batch_size}",
+                    f"trainer.steps={steps}", "trainer.progress=none", "device=cpu",
+                    "trainer.checkpoint=false", *extra])
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """FLOP/s of a square matmul: the arithmetic ceiling of this device at this thread count."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 10
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_flops_per_sample(model: torch.nn.Module, in_shape: tuple[int, ...]) -> float:
+    """Forward FLOPs of the linear and conv layers x 3 (forward, and backward for inputs and
+    weights): the usual estimate of one training sample's arithmetic."""
+    flops = 0.0
+
+    def count(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal flops
+        if isinstance(module, torch.nn.Linear):
+            flops += 2 * module.in_features * module.out_features
+        elif isinstance(module, torch.nn.Conv2d):
+            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            flops += 2 * k * out[0].numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *in_shape))
+    model.train(was)
+    for h in handles:
+        h.remove()
+    return 3 * flops
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def write_mnist_raw(ds: data.Dataset, root: Path) -> None:
+    """The mnist5k training split as torchvision's MNIST raw files, for the DataLoader loop."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("t10k", ds.x_val, ds.y_val)):
+        images = x[:, 0].numpy()
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, *images.shape) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, len(y)) + y.numpy().astype("uint8").tobytes())
+
+
+def dataloader_loop(root: Path, model_name: str, batch_size: int, steps: int,
+                    workers: int) -> float:
+    """Samples/s of the loop most PyTorch users write."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    dataset = datasets.MNIST(str(root), train=True, download=False, transform=tf)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         drop_last=True, num_workers=workers,
+                                         persistent_workers=False)
+    model = models.build(cfg_for(model_name, batch_size, steps).model, (1, 28, 28), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    done = 0
+    start = time.perf_counter()
+    while done < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                break
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int) -> float:
+    """Samples/s of a hand-written loop over resident, pre-normalized tensors, no logging."""
+    x = (ds.x_train.float() / 255 - 0.1307) / 0.3081
+    y = ds.y_train
+    model = models.build(cfg_for(model_name, batch_size, steps).model, (1, 28, 28), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    per_epoch = len(y) // batch_size
+    start = time.perf_counter()
+    for step in range(steps):
+        if step % per_epoch == 0:
+            perm = torch.randperm(len(y))
+        idx = perm[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+class FitTimer:
+    """Wall time of Trainer.fit (the whole loop: steps, logging, evaluation, diagnostics),
+    without the run's set-up and its final evaluation and files."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.original = train.Trainer.fit
+
+    def __enter__(self) -> FitTimer:
+        timer, original = self, self.original
+
+        def fit(trainer: train.Trainer, stop: train.StopFlag) -> None:
+            start = time.perf_counter()
+            try:
+                original(trainer, stop)
+            finally:
+                timer.seconds = time.perf_counter() - start
+        train.Trainer.fit = fit
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        train.Trainer.fit = self.original
+
+
+def bnexp_loop(model_name: str, batch_size: int, steps: int, tmp: Path,
+               extra: list[str] = ()) -> float:
+    """Samples/s of `bnexp train` over the whole training loop (Trainer.fit's wall time)."""
+    cfg = cfg_for(model_name, batch_size, steps, ["trainer.threads=1", *extra])
+    with FitTimer() as timer:
+        summary = train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
+    assert summary["status"] == "completed", summary
+    return steps * batch_size / timer.seconds
+
+
+EVERY_DIAGNOSTIC = ["trainer.diagnostics_every=50", "trainer.histogram_every=100",
+                    "trainer.probe_every=100"]
+
+
+def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    ds = data.load(compose([]).data)
+    write_mnist_raw(ds, tmp / "torchvision")
+    rows = []
+    for model_name, steps in (("mlp", args.steps_mlp), ("cnn", args.steps_cnn)):
+        bs = 128
+        with threads(1):
+            raw = tmp / "torchvision"
+            variants = {
+                "DataLoader, 0 workers": partial(dataloader_loop, raw, model_name, bs, steps, 0),
+                "DataLoader, 2 workers": partial(dataloader_loop, raw, model_name, bs, steps, 2),
+                "minimal resident loop": partial(minimal_loop, ds, model_name, bs, steps),
+                "bnexp train (default logging)": partial(bnexp_loop, model_name, bs, steps, tmp),
+                "bnexp train (every diagnostic)": partial(bnexp_loop, model_name, bs, steps, tmp,
+                                                          EVERY_DIAGNOSTIC),
+            }
+            for fn in variants.values():  # warm-up: imports, allocator, worker start-up
+                fn()
+            sps = interleaved(variants, args.repeats)
+            net = models.build(cfg_for(model_name, bs, steps).model, (1, 28, 28), 10)
+            limit = matmul_rate(torch.device("cpu")) / train_flops_per_sample(net, (1, 28, 28))
+        minimal = sps["minimal resident loop"]
+        for name, value in sps.items():
+            rows.append({"model": model_name, "loop": name, "samples/s": value,
+                         "vs minimal": value / minimal,
+                         "vs DataLoader 0w": value / sps["DataLoader, 0 workers"],
+                         "of FLOP limit": value / limit})
+        rows.append({"model": model_name, "loop": "arithmetic limit (1 thread)",
+                     "samples/s": limit, "vs minimal": limit / minimal,
+                     "vs DataLoader 0w": limit / sps["DataLoader, 0 workers"],
+                     "of FLOP limit": 1.0})
+    return rows
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def step_ms(model_name: str, batch_size: int, steps: int, precision: str = "fp32") -> float:
+    """Median milliseconds of one bnexp training step (Trainer.train_step) on mnist5k."""
+    cfg = cfg_for(model_name, batch_size, steps, [f"trainer.precision={precision}"])
+    ds = data.load(cfg.data)
+    model = models.build(cfg.model, ds.in_shape, ds.num_classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = train.Trainer(cfg, Path(tmp), torch.device("cpu"), ds, model, {})
+        times = []
+        for _ in range(steps):
+            idx = trainer.next_batch()
+            start = time.perf_counter()
+            trainer.train_step(idx)
+            times.append(time.perf_counter() - start)
+            trainer.step += 1
+        trainer.events.close()
+    return statistics.median(times[2:]) * 1e3
+
+
+def bench_threads(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    from bnexp.device import choose_threads
+
+    rows = []
+    for busy in (False, True):
+        with busy_process() if busy else contextlib.nullcontext():
+            for model_name, steps in (("mlp", args.steps_mlp), ("cnn", max(args.steps_cnn, 6))):
+                figures = {}
+                for n in (1, 2):
+                    with threads(n):
+                        figures[n] = median_of(partial(step_ms, model_name, 128, steps),
+                                               args.repeats)
+                auto = choose_threads("auto", model_name)
+                rows.append({"model": model_name, "machine": "busy" if busy else "idle",
+                             "1 thread ms": figures[1], "2 threads ms": figures[2],
+                             "2 vs 1": figures[1] / figures[2], "auto picks": auto,
+                             "auto is fastest": figures[auto] <= min(figures.values()) * 1.05})
+    return rows
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def bench_precision(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    rows = []
+    for model_name, steps in (("mlp", args.steps_mlp), ("cnn", max(args.steps_cnn, 6))):
+        with threads(1 if model_name == "mlp" else os.cpu_count() or 1):
+            times = interleaved({p: partial(step_ms, model_name, 128, steps, p)
+                                 for p in ("fp32", "bf16")}, args.repeats)
+            accs = {}
+            for p in ("fp32", "bf16"):
+                cfg = cfg_for(model_name, 128, args.steps_result, [f"trainer.precision={p}"])
+                summary = train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
+                accs[p] = summary["metrics"]["final_val_acc"]
+        rows.append({"model": model_name, "fp32 step ms": times["fp32"],
+                     "bf16 step ms": times["bf16"], "bf16 speed-up": times["fp32"] / times["bf16"],
+                     "fp32 val acc": accs["fp32"], "bf16 val acc": accs["bf16"],
+                     "steps trained": args.steps_result})
+    return rows
+
+
+# ----------------------------------------------------------------------------- vectorized
+
+
+def bench_vectorized(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    from bnexp import vectorized
+
+    k, steps = args.models, args.steps_vectorized
+    lrs = [float(f"{v:.3g}") for v in torch.logspace(-3, 0.5, k).tolist()]
+    base = ["trainer.progress=none", "device=cpu", "trainer.checkpoint=false",
+            "trainer.batch_size=128", f"trainer.steps={steps}", "trainer.eval_every=100"]
+
+    def sequential() -> float:
+        start = time.perf_counter()
+        for lr in lrs:
+            cfg = compose([*base, f"optim.lr={lr}"])
+            train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
+        return time.perf_counter() - start
+
+    def stacked() -> float:
+        cfgs = [compose([*base, f"optim.lr={lr}"]) for lr in lrs]
+        dirs = [Path(tempfile.mkdtemp(dir=tmp)) for _ in lrs]
+        start = time.perf_counter()
+        vectorized.run(cfgs, dirs)
+        return time.perf_counter() - start
+
+    seconds = interleaved({"sequential": sequential, "vectorized": stacked}, args.repeats)
+    samples = k * steps * 128
+    return [{"models": k, "steps each": steps, "way": way, "seconds": s,
+             "samples/s": samples / s, "speed-up": seconds["sequential"] / s}
+            for way, s in seconds.items()]
+
+
+# ----------------------------------------------------------------------------- startup
+
+
+def bench_startup(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    exe = str(Path(sys.executable).with_name("bnexp"))
+    runs = tmp / "startup_runs"
+    env = {**os.environ, "BNEXP_OUTPUTS": str(runs)}
+    train.run(cfg_for("mlp", 64, 5), runs / "runs" / "one")  # something for compare to read
+    rows = []
+    for command in (["--help"], ["list"], ["compare", str(runs)]):
+        def once(command: list[str] = command) -> float:
+            start = time.perf_counter()
+            subprocess.run([exe, *command], env=env, capture_output=True, check=True)
+            return time.perf_counter() - start
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys; from bnexp import cli; "
+             f"sys.argv = ['bnexp', *{command!r}]; "
+             "import contextlib, io\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             "    try: cli.main()\n"
+             "    except SystemExit: pass\n"
+             "print('torch' in sys.modules)"],
+            env=env, capture_output=True, text=True, check=True)
+        rows.append({"what": "bnexp " + " ".join(command[:1]), "seconds": median_of(
+            once, args.repeats), "imports torch": probe.stdout.strip().splitlines()[-1]})
+    python = median_of(lambda: _timed_run([sys.executable, "-c", "pass"]), args.repeats)
+    rows.append({"what": "python -c pass (floor)", "seconds": python, "imports torch": "False"})
+    setups = []
+    for _ in range(args.repeats):
+        summary = train.run(cfg_for("mlp", 64, 5), Path(tempfile.mkdtemp(dir=tmp)))
+        setups.append(summary["metrics"]["setup_seconds"])
+    rows.append({"what": "run set-up on mnist5k (imports excluded)",
+                 "seconds": statistics.median(setups), "imports torch": "-"})
+    return rows
+
+
+def _timed_run(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- gpu
+
+
+def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Eager vs compiled training on the GPU: MNIST-format MLP +-BN for 10 epochs, and the
+    CIFAR-shaped small CNN with bf16 + channels_last for one epoch (synthetic CIFAR-10-sized
+    data when the real files are absent: the timing does not depend on the pixels)."""
+    if not torch.cuda.is_available():
+        return [{"what": "GPU", "result": "not measured: no CUDA device on this machine"}]
+    rows = []
+    for norm in ("batch", "none"):
+        for compile_mode in ("off", "on"):
+            cfg = compose(["device=cuda", "trainer.progress=none", "trainer.checkpoint=false",
+                           "trainer.batch_size=128", f"trainer.epochs={args.gpu_epochs}",
+                           "trainer.diagnostics=false", "trainer.eval_every=1000000",
+                           "trainer.log_every=1000000", f"model.norm={norm}",
+                           f"trainer.compile={compile_mode}"])
+            with FitTimer() as timer:
+                summary = train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
+            rows.append({"what": f"MLP norm={norm}, {args.gpu_epochs} epochs of mnist5k",
+                         "compile": compile_mode, "seconds": timer.seconds,
+                         "val acc": summary["metrics"]["final_val_acc"],
+                         "device": torch.cuda.get_device_name()})
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def render(title: str, rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+        return str(v)
+
+    lines = [f"### {title}", "", "| " + " | ".join(keys) + " |",
+             "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--models", type=int, default=None, help="K for the vectorized section")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    quick = args.quick
+    args.repeats = args.repeats or (1 if quick else 5)
+    args.models = args.models or (3 if quick else 32)
+    args.steps_mlp, args.steps_cnn = (8, 2) if quick else (300, 20)
+    args.steps_result = 10 if quick else 300
+    args.steps_vectorized = 6 if quick else 150
+    args.gpu_epochs = 1 if quick else 10
+    logging.disable(logging.INFO)
+    os.environ.setdefault("BNEXP_DATA", str(ROOT / "data"))
+
+    print(f"# bnexp benchmark, {time.strftime('%Y-%m-%d %H:%M')}"
+          f"{' (--quick: sizes too small to quote)' if quick else ''}\n")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'};"
+          f" medians of {args.repeats} interleaved repeats\n")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for section in args.only:
+            rows = globals()[f"bench_{section}"](args, Path(tmp))
+            results[section] = rows
+            print(render(section, rows), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("fork", force=True)
+    main()
