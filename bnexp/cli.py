@@ -54,7 +54,7 @@ OVERRIDES use Hydra's grammar: group=option or key=value, e.g.
   model.init=default|normal  model.init_std  model.depth  model.width
   optim.lr  optim.momentum  optim.weight_decay  optim.schedule=constant|cosine|step
   trainer.epochs  trainer.steps  trainer.batch_size  trainer.eval_every
-  trainer.precision=fp32|bf16  trainer.threads=auto|N  data.normalize  data.augment
+  trainer.precision=fp32|bf16|fp64  trainer.threads=auto|N  data.normalize  data.augment
   device=auto|cpu|cuda|cuda:N|mps  seed=N  hydra.run.dir=PATH
 
 Hydra flags pass through: -m/--multirun, --cfg job. See every key: bnexp config."""
@@ -212,14 +212,20 @@ def sweep(
                                            "e.g. 1e-3:10:9."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="List the jobs that would run or be skipped; run none."),
+    vectorize: bool = typer.Option(False, "--vectorize",
+                                   help="Train jobs that differ only in lr, seed, momentum, "
+                                        "weight decay, betas or init std as one stack of "
+                                        "models in one process (torch.func.vmap)."),
 ) -> None:
     """Run a grid of trainings (Hydra multirun), resumable: finished jobs are skipped.
 
     OVERRIDES use Hydra's sweep grammar: optim.lr=0.01,0.1,1 model.norm=batch,none seed=0,1,2,
     range(...), choice(...). Jobs land in outputs/sweeps/NAME/<swept key=value,...>, with a
     manifest.json of each job's status. Launchers: --jobs N (local processes), or
-    hydra/launcher=bnexp_slurm (SLURM via submitit) or submitit_local. Exit code 3 if a job
-    failed; diverged runs are results, not failures.
+    hydra/launcher=bnexp_slurm (SLURM via submitit) or submitit_local. --vectorize trains
+    compatible jobs as one stack (several times the throughput of one by one for small nets;
+    each job still gets its own run directory). Exit code 3 if a job failed; diverged runs are
+    results, not failures.
     """
     from bnexp import sweep as sweeps
 
@@ -231,18 +237,22 @@ def sweep(
             _error(str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         overrides.insert(0, "optim.lr=" + ",".join(f"{v:g}" for v in grid))
-    code, sweep_dir = _launch_sweep(overrides, name, "sweeps", jobs, dry_run)
+    code, sweep_dir = _launch_sweep(overrides, name, "sweeps", jobs, dry_run, vectorize)
     if code or dry_run:
         raise typer.Exit(code)
     raise typer.Exit(_sweep_summary(sweep_dir))
 
 
 def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
-                  dry_run: bool) -> tuple[int, Path]:
+                  dry_run: bool, vectorize: bool = False) -> tuple[int, Path]:
     """Run a multirun through our sweeper into outputs/<kind>/<name>; (exit code, sweep dir)."""
     from bnexp import sweep as sweeps
     from bnexp.config import ConfigError, compose, outputs_root
 
+    if vectorize and (jobs > 1 or any(o.startswith("hydra/launcher=") for o in overrides)):
+        _error("--vectorize trains in one process with its own launcher: it cannot be "
+               "combined with --jobs N or hydra/launcher=...; drop one of them.")
+        return EXIT_BAD_INPUT, Path()
     try:
         fixed, swept = sweeps.split_overrides(overrides)
         compose(fixed)  # the common part must be valid; each job is validated before launch
@@ -254,6 +264,8 @@ def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
     argv = ["-m", *overrides, "hydra/sweeper=bnexp", f"hydra.sweep.dir='{sweep_dir}'"]
     if dry_run:
         argv.append("hydra.sweeper.dry_run=true")
+    if vectorize:
+        argv.append("hydra/launcher=bnexp_vectorized")
     if jobs > 1 and not any(o.startswith("hydra/launcher=") for o in overrides):
         threads = max(1, (os.cpu_count() or 1) // jobs)  # 2 jobs x 1 thread on 2 cores
         argv += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}",
@@ -281,6 +293,8 @@ def reproduce(
     list_studies: bool = typer.Option(False, "--list", help="Show the studies and claims."),
     report_only: bool = typer.Option(False, "--report-only",
                                      help="Write the report from the runs already there."),
+    vectorize: bool = typer.Option(False, "--vectorize",
+                                   help="Train compatible jobs as one stack (see sweep)."),
 ) -> None:
     """Run a classic BN study and write report.md with a verdict per claim.
 
@@ -317,7 +331,7 @@ def reproduce(
     code, sweep_dir = 0, None
     if not report_only:
         code, sweep_dir = _launch_sweep([f"experiment={experiment}", *overrides], experiment,
-                                        "studies", jobs, dry_run)
+                                        "studies", jobs, dry_run, vectorize)
         if code == EXIT_BAD_INPUT or dry_run:
             raise typer.Exit(code)
         code = _sweep_summary(sweep_dir)

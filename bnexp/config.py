@@ -29,7 +29,7 @@ NORM_POSITIONS = ("before_act", "after_act")
 INITS = ("default", "normal")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")
 PROGRESS = ("auto", "rich", "plain", "none")
 VGG_DEPTHS = (11, 13, 16, 19)
 
@@ -101,6 +101,8 @@ class TrainerConfig:
     eval_every: int = 50
     eval_batch_size: int = 1000
     log_every: int = 10
+    # fp32; bf16 = autocast (faster on GPUs, slower on CPUs without bf16 units: see
+    # docs/performance.md); fp64 = parameters and inputs in double, for numerical checks.
     precision: str = "fp32"
     # "auto" or a positive integer; auto picks what measured fastest (see bnexp/device.py).
     threads: str = "auto"
@@ -208,10 +210,12 @@ def register() -> None:
     from omegaconf import OmegaConf
 
     from hydra_plugins.bnexp_sweeper.bnexp_sweeper import BnexpSweeper
+    from hydra_plugins.bnexp_sweeper.bnexp_vectorized_launcher import VectorizedLauncher
 
     ConfigStore.instance().store(name="bnexp_schema", node=Config)
-    # Editable installs hide our plugin from Hydra's package scan: register it by hand.
+    # Editable installs hide our plugins from Hydra's package scan: register them by hand.
     Plugins.instance().register(BnexpSweeper)
+    Plugins.instance().register(VectorizedLauncher)
     # Cached: the run directory is made once per process.
     OmegaConf.register_new_resolver("bnexp_run_dir", make_run_dir, use_cache=True, replace=True)
     _registered = True

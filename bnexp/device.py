@@ -59,18 +59,19 @@ def _busy_cores(window: float = 0.05) -> float:
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
 
 
-def choose_threads(setting: str, model_name: str) -> int:
+def choose_threads(setting: str, model_name: str, models: int = 1) -> int:
     """The CPU thread count for a run.
 
     Measured on 2 cores (docs/performance.md): a 784-100-100-100-10 MLP step at batch 64 takes
     1.7 ms with 1 thread vs 3.0 ms with 2 on an idle machine, and 1.6 vs 13.7 ms beside a busy
     process; the small CNN gains from 2 threads only when the other core is idle (55 vs 72 ms;
-    157 vs 97 ms when it is busy). So: MLPs use 1 thread, conv nets use the idle cores.
+    157 vs 97 ms when it is busy). So: MLPs use 1 thread, conv nets use the idle cores, and
+    so does a vectorized stack of `models` MLPs, whose batched kernels are large enough to split.
     """
     if setting != "auto":
         return int(setting)
     cores = os.cpu_count() or 1
-    if model_name == "mlp" or cores == 1:
+    if (model_name == "mlp" and models == 1) or cores == 1:
         return 1
     return max(1, min(cores, round(cores - _busy_cores())))
 

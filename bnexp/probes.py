@@ -85,7 +85,7 @@ def layer_norms(model: nn.Module) -> dict[str, float]:
     grads = [m.weight.grad for m in layers]
     out = {}
     grad_norms = torch._foreach_norm(grads) if all(g is not None for g in grads) else None
-    values = torch.stack(weights + (grad_norms or [])).tolist()  # one host sync for all
+    values = torch.stack([*weights, *(grad_norms or [])]).tolist()  # one host sync for all
     for i in range(len(layers)):
         out[f"weight_norm/layer{i + 1}"] = values[i]
         if grad_norms is not None:

@@ -130,7 +130,7 @@ class Trainer:
         # A plain dataclass: DictConfig attribute reads cost ~50 us each, many per step.
         self.cfg, self.t = cfg, OmegaConf.to_object(cfg.trainer)
         self.device, self.ds, self.model = device, ds, model
-        self.inputs = data.Inputs(ds, cfg.data.normalize)
+        self.inputs = data.Inputs(ds, cfg.data.normalize, next(model.parameters()).dtype)
         self.augment = bool(cfg.data.augment)
         # Standardize the training set once when no batch is augmented: converting and scaling
         # each uint8 batch cost ~0.4 ms of a ~4 ms MLP step here.
@@ -493,6 +493,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Trainer:
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     ds = ds.to(device)
     model = models.build(cfg.model, ds.in_shape, ds.num_classes).to(device)
+    if cfg.trainer.precision == "fp64":
+        model = model.double()
     record.write_summary(run_dir, "running", config, {}, env, config_hash=config_hash(cfg))
     trainer = Trainer(cfg, run_dir, device, ds, model, config,
                       purge_step=ckpt["step"] + 1 if ckpt else None)

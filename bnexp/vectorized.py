@@ -1,0 +1,393 @@
+"""K models of one architecture trained at once (`bnexp sweep --vectorize`).
+
+Sweep jobs that differ only in per-model scalars (VECTORIZABLE: learning rate, seed, momentum,
+weight decay, Adam's betas, init std) train as one stack: every parameter and BN buffer gets a
+leading model dimension, `torch.func.vmap` runs the K forward and backward passes as batched
+kernels, and a hand-written SGD/Adam applies each model's own learning rate, momentum and weight
+decay. Small nets are dominated by per-operation overhead, which the stack pays once for K models.
+
+Each model is still a full `train.Trainer` with its own data order, run directory, TensorBoard run,
+checkpoints and summary.json. Its nn.Module's parameters and buffers are views into the stacked
+tensors, so evaluation, diagnostics, checkpoints and the summary are the single-run code itself;
+only the training step differs. A model that diverges is recorded as diverged (as if it had run
+alone) and retired: its weights are copied out, its slot is zeroed and no longer updated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from bnexp import record, train
+from bnexp.config import UNHASHED, resolved
+from bnexp.device import choose_threads
+
+log = logging.getLogger("bnexp")
+
+VECTORIZABLE = ("optim.lr", "optim.momentum", "optim.weight_decay", "optim.beta1",
+                "optim.beta2", "seed", "model.init_std")
+ADAM_EPS = 1e-8  # torch.optim.Adam's default, which the single runs use
+
+
+def group_key(cfg: DictConfig) -> str:
+    """Configs with equal keys can share a stack: everything but the per-model scalars."""
+    from bnexp.runs import flatten
+
+    flat = flatten(resolved(cfg))
+    return json.dumps({k: v for k, v in sorted(flat.items())
+                       if k not in VECTORIZABLE and k not in UNHASHED}, default=str)
+
+
+def groups(cfgs: Sequence[DictConfig]) -> list[list[int]]:
+    """Indices of cfgs, grouped by group_key, in first-seen order. A run being resumed trains
+    alone: its state lives in its own checkpoint."""
+    found: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        key = f"resume:{i}" if cfg.resume else group_key(cfg)
+        found.setdefault(key, []).append(i)
+    return list(found.values())
+
+
+def _per_model(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def _expand(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A per-model vector shaped to broadcast over a stacked tensor."""
+    return v.view(-1, *[1] * (p.dim() - 1))
+
+
+class Stack:
+    """The K trainers' models as stacked tensors, with a vectorized step."""
+
+    def __init__(self, trainers: list[train.Trainer]):
+        self.trainers = trainers
+        self.k = len(trainers)
+        models = [t.model for t in trainers]
+        self.names = [n for n, _ in models[0].named_parameters()]
+        self.buffer_names = [n for n, _ in models[0].named_buffers()]
+        # All parameters of a model in one row of a K x N matrix: the optimizer then updates
+        # every model in a few passes over one tensor, not per parameter and per model.
+        first = dict(models[0].named_parameters())
+        self.shapes = [first[n].shape for n in self.names]
+        sizes = [first[n].numel() for n in self.names]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        with torch.no_grad():
+            self.flat = torch.stack([torch.cat([p.reshape(-1) for p in m.parameters()])
+                                     for m in models]).requires_grad_()
+            self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models])
+                            for n in self.buffer_names}
+        for k, m in enumerate(models):  # each model now reads and writes its slice
+            for p, view in zip(m.parameters(), self.views(self.flat.detach()[k : k + 1])):
+                p.data = view[0]
+            for n, b in m.named_buffers():
+                b.data = self.buffers[n][k]
+        self.base = copy.deepcopy(models[0]).to("meta")
+
+        def forward(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.base, (params, buffers), (x,))
+
+        self.forward = torch.func.vmap(forward)
+        o = [t.cfg.optim for t in trainers]
+        like = self.flat
+        self.adam = o[0].name == "adam"
+        self.nesterov = bool(o[0].nesterov)
+        self.base_lr = _per_model([t.lr for t in trainers], like)
+        self.momentum = _per_model([c.momentum for c in o], like)
+        self.weight_decay = _per_model([c.weight_decay for c in o], like)
+        self.beta1 = _per_model([c.beta1 for c in o], like)
+        self.beta2 = _per_model([c.beta2 for c in o], like)
+        self.active = torch.ones(self.k, dtype=like.dtype, device=like.device)
+        self.m = torch.zeros_like(self.flat)
+        self.v = torch.zeros_like(self.flat) if self.adam else None
+        self.any_weight_decay = bool(self.weight_decay.any())
+        self.updates = 0
+        t0 = trainers[0]
+        self.x_train = t0.x_train  # standardized once, shared: the data config is common
+        self.y_train = t0.ds.y_train
+        self.autocast, self.device = t0.autocast, t0.device
+
+    # ------------------------------------------------------------------ the step
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The K-stacked parameter tensors inside rows of flat (K x N)."""
+        return [flat[:, a:b].view(-1, *shape) for a, b, shape
+                in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.x_train is not None:
+            flat = self.x_train.index_select(0, idx.flatten())
+            return flat.view(*idx.shape, *flat.shape[1:])
+        return torch.stack([t.batch(i) for t, i in zip(self.trainers, idx)])
+
+    def step(self, idx: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
+        """One step of every model on its own batch (idx: K x B). Returns per-model mean loss,
+        correct predictions and global gradient norm, all on the device."""
+        x = self.batch(idx)
+        y = self.y_train.index_select(0, idx.flatten())
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            params = dict(zip(self.names, self.views(self.flat)))
+            logits = self.forward(params, self.buffers, x)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), y, reduction="none")
+        losses = losses.view(idx.shape).mean(1)
+        # Each model's loss depends on its own slice only, so the gradient of the sum is every
+        # model's own gradient.
+        # Gradients of the views, then one concatenation: asking for the flat tensor's own
+        # gradient would make autograd zero-fill and add a K x N tensor per parameter.
+        grads = torch.autograd.grad(losses.sum(), list(params.values()))
+        grad = torch.cat([g.reshape(self.k, -1) for g in grads], dim=1)
+        self.grad = grad
+        norms = torch.linalg.vector_norm(grad, dim=1)
+        self.update(grad, (self.base_lr * factor * self.active)[:, None])
+        hits = (logits.detach().argmax(-1) == y.view(idx.shape)).sum(1)
+        return losses.detach(), hits, norms
+
+    @torch.no_grad()
+    def update(self, g: torch.Tensor, lr: torch.Tensor) -> None:
+        """torch.optim.SGD / Adam's update rules (as the single runs use them) on all models'
+        parameters at once, every hyperparameter a per-model column."""
+        self.updates += 1
+        t, p = self.updates, self.flat
+        if self.any_weight_decay:
+            g = g.addcmul(p, self.weight_decay[:, None])  # L2, as torch's weight_decay
+        if self.adam:
+            b1, b2 = self.beta1[:, None], self.beta2[:, None]
+            self.m.lerp_(g, 1 - b1)
+            self.v.mul_(b2).addcmul_(g, g * (1 - b2))
+            denom = (self.v.sqrt() / (1 - b2 ** t).sqrt()).add_(ADAM_EPS)
+            p.addcdiv_(self.m * (-lr / (1 - b1 ** t)), denom)
+            return
+        mom = self.momentum[:, None]
+        if t == 1:
+            self.m.copy_(g)  # torch starts the momentum buffer at the first gradient
+        else:
+            self.m.mul_(mom).add_(g)
+        d = g.addcmul(self.m, mom) if self.nesterov else self.m
+        p.addcmul_(d, -lr)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def export_optimizer_state(self, k: int) -> None:
+        """Model k's slice of the optimizer state, in torch.optim's format on its trainer's
+        own optimizer: its checkpoint then resumes as a single run."""
+        t = self.trainers[k]
+        opt = t.optimizer
+        momentum = float(self.momentum[k])
+        m = self.views(self.m[k : k + 1])
+        v = self.views(self.v[k : k + 1]) if self.adam else m
+        for i, p in enumerate(t.model.parameters()):
+            if self.adam:
+                opt.state[p] = {"step": torch.tensor(float(self.updates)),
+                                "exp_avg": m[i][0].clone(), "exp_avg_sq": v[i][0].clone()}
+            elif momentum and self.updates:
+                opt.state[p] = {"momentum_buffer": m[i][0].clone()}
+
+    def expose_grads(self, k: int) -> None:
+        """Model k's gradients of the last step as its parameters' .grad, for diagnostics."""
+        for p, g in zip(self.trainers[k].model.parameters(), self.views(self.grad[k : k + 1])):
+            p.grad = g[0]
+
+    @torch.no_grad()
+    def retire(self, k: int) -> None:
+        """Model k stops training: its trainer keeps a copy of the weights, its slot is zeroed
+        (a NaN there would only cost time) and its learning rate set to 0."""
+        model = self.trainers[k].model
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for b in model.buffers():
+            b.data = b.data.clone()
+        self.flat[k].zero_()
+        self.m[k].zero_()
+        if self.adam:
+            self.v[k].zero_()
+        for n in self.buffer_names:
+            self.buffers[n][k].fill_(1.0 if n.endswith("running_var") else 0)
+        self.active[k] = 0
+
+
+def fit(stack: Stack, stop: train.StopFlag) -> None:
+    """Train.Trainer.fit for K models at once: the same cadences, the same records."""
+    trainers = stack.trainers
+    t0 = trainers[0]
+    t, total = t0.t, t0.total_steps
+    live = [True] * stack.k
+    grad_norms = torch.zeros(total, stack.k, device=t0.device)
+    for k, tr in enumerate(trainers):
+        tr.grad_norms = grad_norms[:, k]
+    loss_sum = torch.zeros(stack.k, device=t0.device)
+    correct = torch.zeros(stack.k, device=t0.device, dtype=torch.long)
+    factor = train.lr_factor(t0.cfg.optim, total)
+    off_clock = 0.0
+
+    def off(fn: object, *args: object) -> None:
+        nonlocal off_clock
+        start = time.perf_counter()
+        fn(*args)
+        off_clock += time.perf_counter() - start
+
+    for tr in trainers:
+        off(tr.diagnose)
+    window_start, window_steps, step = time.perf_counter(), 0, 0
+    while step < total and any(live):
+        idx = _batches(trainers, live)
+        losses, hits, norms = stack.step(idx, factor(step))
+        grad_norms[step] = norms
+        loss_sum += losses
+        correct += hits
+        window_steps += 1
+        step += 1
+        for k, tr in enumerate(trainers):
+            if live[k]:
+                tr.step = step
+                tr.scheduler.step()  # keeps train/lr and the checkpoints' schedule right
+        last = step == total
+        if step % t.log_every == 0 or last:
+            seconds = time.perf_counter() - window_start - off_clock
+            for k, tr in enumerate(trainers):
+                if live[k] and not tr.log_window(tr.epoch, loss_sum[k], correct[k],
+                                                 window_steps, seconds):
+                    tr.evaluate_and_log(tr.epoch)  # what a diverged net scores
+                    stack.retire(k)
+                    live[k] = False
+            loss_sum.zero_()
+            correct.zero_()
+            window_steps, window_start, off_clock = 0, time.perf_counter(), 0.0
+        if step % t.eval_every == 0 or last:
+            for k, tr in enumerate(trainers):
+                if live[k]:
+                    off(tr.evaluate_and_log, tr.epoch)
+            best = max((tr.history.val_acc[-1][1] for k, tr in enumerate(trainers)
+                        if live[k] and tr.history.val_acc), default=float("nan"))
+            log.info("bnexp: step %d/%d, %d of %d models training, best val_acc %.4f",
+                     step, total, sum(live), stack.k, best)
+        if step % t.diagnostics_every == 0 or last:
+            for k, tr in enumerate(trainers):
+                if live[k]:
+                    stack.expose_grads(k)
+        for k, tr in enumerate(trainers):
+            if live[k]:
+                off(tr.diagnose, last)
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
+            for k, tr in enumerate(trainers):
+                if live[k]:
+                    tr.loss_sum, tr.correct, tr.window_steps = (loss_sum[k], correct[k],
+                                                                window_steps)
+                    stack.export_optimizer_state(k)
+                    off(tr.save, record.LAST_CHECKPOINT)
+        if stop.signal:
+            for k, tr in enumerate(trainers):
+                tr.loss_sum, tr.correct, tr.window_steps = loss_sum[k], correct[k], window_steps
+            raise KeyboardInterrupt(stop.signal)
+
+
+def _batches(trainers: list[train.Trainer], live: list[bool]) -> torch.Tensor:
+    """Next batch indices of the live models; retired ones repeat a live model's (their
+    slot is zero and unused)."""
+    rows = [tr.next_batch() if live[k] else None for k, tr in enumerate(trainers)]
+    filler = next(r for r in rows if r is not None)
+    return torch.stack([filler if r is None else r for r in rows])
+
+
+def run(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict]:
+    """Train every config, stacking the ones that can share a stack; the summaries, in order.
+    A group of one, or a run being resumed, trains as a single run."""
+    summaries: list[dict | None] = [None] * len(cfgs)
+    for members in groups(cfgs):
+        if len(members) == 1:
+            i = members[0]
+            summaries[i] = train.run(cfgs[i], run_dirs[i])
+            continue
+        found = run_group([cfgs[i] for i in members], [run_dirs[i] for i in members])
+        for i, summary in zip(members, found):
+            summaries[i] = summary
+    return summaries
+
+
+def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict]:
+    """Train one stack of compatible configs (see group_key) and record every model's run."""
+    trainers: list[train.Trainer] = []
+    for cfg, run_dir in zip(cfgs, run_dirs):
+        tr = train.prepare(cfg, run_dir)
+        if trainers and trainers[0].x_train is not None:
+            tr.x_train = trainers[0].x_train  # one standardized copy of the data for all
+        tr.progress.mode = "none"  # one log line per evaluation for the whole stack instead
+        tr.env["vectorized_models"] = len(cfgs)
+        trainers.append(tr)
+    threads = choose_threads(str(cfgs[0].trainer.threads), cfgs[0].model.name, len(cfgs))
+    torch.set_num_threads(threads)
+    for tr in trainers:
+        tr.env["threads"] = threads
+    log.info("bnexp: training %d models as one stack (vectorized), threads=%d", len(trainers),
+             threads)
+    statuses, error, notes = ["completed"] * len(trainers), None, {}
+    try:
+        stack = Stack(trainers)
+        with train.stop_on_signals() as stop, warnings.catch_warnings():
+            # The trainers' schedulers only count steps (the stack applies the LR itself).
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            fit(stack, stop)
+        statuses = ["diverged" if tr.history.diverged_at_step is not None else "completed"
+                    for tr in trainers]
+    except KeyboardInterrupt as exc:
+        notes["interrupted_by"] = "SIGTERM" if "SIGTERM" in str(exc) else "SIGINT"
+        statuses = ["diverged" if tr.history.diverged_at_step is not None else "interrupted"
+                    for tr in trainers]
+        for k, tr in enumerate(trainers):
+            if statuses[k] == "interrupted":
+                stack.export_optimizer_state(k)
+    except Exception as exc:  # every model of the stack failed with it
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("bnexp: vectorized training failed")
+        statuses = ["failed"] * len(trainers)
+    return [train.finish(tr, status, error, notes if status == "interrupted" else {})
+            for tr, status in zip(trainers, statuses)]
+
+
+def hydra_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[int]:
+    """train.hydra_task for a stack of sweep jobs (see the bnexp_vectorized launcher): trains
+    them, logs into every job's train.log, and returns their exit codes."""
+    import sys
+
+    from bnexp import data
+    from bnexp.config import ConfigError, config_hash, validate
+
+    handlers = [logging.FileHandler(Path(d) / "train.log") for d in run_dirs]
+    for h in handlers:
+        h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
+        log.addHandler(h)
+    try:
+        for cfg in cfgs:
+            validate(cfg)
+        summaries = run_group(cfgs, run_dirs)
+    except (ConfigError, data.DataError, OSError) as exc:
+        print(f"bnexp: error: {exc}", file=sys.stderr)
+        for cfg, run_dir in zip(cfgs, run_dirs):
+            record.write_summary(run_dir, "failed", resolved(cfg), {}, {}, error=str(exc),
+                                 config_hash=config_hash(cfg))
+            train.finished.append((Path(run_dir), None, 1))
+        return [1] * len(cfgs)
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+    codes = []
+    for run_dir, summary in zip(run_dirs, summaries):
+        code = train.EXIT_BY_STATUS[summary["status"]]
+        if summary["status"] == "interrupted":
+            code = 143 if summary.get("notes", {}).get("interrupted_by") == "SIGTERM" else 130
+        train.finished.append((Path(run_dir), summary, code))
+        codes.append(code)
+    interrupted = [c for c in codes if c in (130, 143)]
+    if interrupted:
+        raise SystemExit(interrupted[0])  # stop the sweep, as a single interrupted job does
+    return codes

@@ -1,0 +1,94 @@
+"""The `bnexp_vectorized` launcher: trains compatible sweep jobs as one stack of models
+(bnexp.vectorized), each job keeping its own directory, .hydra files, events and summary.
+
+Selected by `bnexp sweep --vectorize` (hydra/launcher=bnexp_vectorized). Jobs that cannot share a
+stack (another architecture, batch size, dataset... or a job being resumed) run one by one as
+Hydra's basic launcher would run them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger("bnexp")
+
+
+@dataclass
+class VectorizedLauncherConf:
+    _target_: str = (
+        "hydra_plugins.bnexp_sweeper.bnexp_vectorized_launcher.VectorizedLauncher")
+    # At most this many models in one stack; larger groups are split.
+    max_models: int = 64
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="bnexp_vectorized",
+                             node=VectorizedLauncherConf, provider="bnexp")
+
+
+class VectorizedLauncher(Launcher):
+    def __init__(self, max_models: int = 64) -> None:
+        self.max_models = max(1, int(max_models))
+        self.config: DictConfig | None = None
+        self.hydra_context: Any = None
+        self.task_function: Any = None
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.id = idx
+            cfg.hydra.job.num = idx
+        return cfg
+
+    def _run_job(self, cfg: DictConfig, task: Any) -> JobReturn:
+        ret = run_job(hydra_context=self.hydra_context, task_function=task, config=cfg,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        from bnexp import vectorized
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = [self._job_config(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        tasks = []
+        for cfg in configs:
+            task = cfg.copy()
+            with open_dict(task):
+                del task["hydra"]
+            tasks.append(task)
+        returns: list[JobReturn | None] = [None] * len(configs)
+        for members in vectorized.groups(tasks):
+            for start in range(0, len(members), self.max_models):
+                chunk = members[start : start + self.max_models]
+                if len(chunk) == 1:
+                    returns[chunk[0]] = self._run_job(configs[chunk[0]], self.task_function)
+                    continue
+                # Let Hydra set up each job's directory and .hydra files as for any job, then
+                # train the chunk as one stack.
+                found: dict[int, tuple[DictConfig, Path]] = {}
+                for i in chunk:
+                    def collect(cfg: DictConfig, i: int = i) -> int:
+                        found[i] = (cfg, Path(HydraConfig.get().runtime.output_dir))
+                        return 0
+                    returns[i] = self._run_job(configs[i], collect)
+                codes = vectorized.hydra_group([found[i][0] for i in chunk],
+                                               [found[i][1] for i in chunk])
+                for i, code in zip(chunk, codes):
+                    returns[i].return_value = code
+        return returns
