@@ -201,7 +201,8 @@ def landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_and_grad() -> tuple[float, list[torch.Tensor]]:
-        loss = F.cross_entropy(model(x).float(), y)
+        out = model(x)
+        loss = F.cross_entropy(out.float() if out.dtype == torch.bfloat16 else out, y)
         return loss.item(), torch.autograd.grad(loss, params)
 
     with untouched(model):

@@ -90,6 +90,11 @@ def lr_factor(o: DictConfig, total_steps: int) -> Callable[[int], float]:
 # ----------------------------------------------------------------------------- loop
 
 
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: bf16 (autocast) upcast to fp32; fp32 and fp64 as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 @dataclass
 class History:
     """What the loop observed; `summarize` turns it into the summary's metrics."""
@@ -114,10 +119,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: data.In
     """Mean loss and accuracy over (x, y) in eval mode, i.e. with BN's running statistics."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device)
+    loss_sum = torch.zeros((), device=x.device, dtype=inputs.dtype)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for s in data.eval_batches(len(y), batch_size):
-        logits = model(inputs(x[s])).float()
+        logits = full_precision(model(inputs(x[s])))
         loss_sum += F.cross_entropy(logits, y[s], reduction="sum")
         correct += (logits.argmax(1) == y[s]).sum()
     model.train(was_training)
@@ -160,7 +165,7 @@ class Trainer:
         self.off_clock = 0.0  # seconds spent on eval and probes inside the current log window
         # Loop state (see fit): the data order and the open log window.
         self.epoch, self.perm, self.pos = 0, None, 0
-        self.loss_sum = torch.zeros((), device=device)
+        self.loss_sum = torch.zeros((), device=device, dtype=self.inputs.dtype)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.window_steps, self.window_start = 0, time.perf_counter()
 
@@ -178,7 +183,7 @@ class Trainer:
         x, y = self.batch(idx), self.ds.y_train[idx]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(full_precision(logits), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]

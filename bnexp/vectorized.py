@@ -138,7 +138,8 @@ class Stack:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             params = dict(zip(self.names, self.views(self.flat)))
             logits = self.forward(params, self.buffers, x)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), y, reduction="none")
+        losses = F.cross_entropy(train.full_precision(logits.flatten(0, 1)), y,
+                                 reduction="none")
         losses = losses.view(idx.shape).mean(1)
         # Each model's loss depends on its own slice only, so the gradient of the sum is every
         # model's own gradient.
@@ -224,7 +225,7 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
     grad_norms = torch.zeros(total, stack.k, device=t0.device)
     for k, tr in enumerate(trainers):
         tr.grad_norms = grad_norms[:, k]
-    loss_sum = torch.zeros(stack.k, device=t0.device)
+    loss_sum = torch.zeros(stack.k, device=t0.device, dtype=stack.flat.dtype)
     correct = torch.zeros(stack.k, device=t0.device, dtype=torch.long)
     factor = train.lr_factor(t0.cfg.optim, total)
     off_clock = 0.0
@@ -271,7 +272,7 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
             log.info("bnexp: step %d/%d, %d of %d models training, best val_acc %.4f",
                      step, total, sum(live), stack.k, best)
         if step % t.diagnostics_every == 0 or last:
-            for k, tr in enumerate(trainers):
+            for k in range(stack.k):
                 if live[k]:
                     stack.expose_grads(k)
         for k, tr in enumerate(trainers):
@@ -342,8 +343,8 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
         notes["interrupted_by"] = "SIGTERM" if "SIGTERM" in str(exc) else "SIGINT"
         statuses = ["diverged" if tr.history.diverged_at_step is not None else "interrupted"
                     for tr in trainers]
-        for k, tr in enumerate(trainers):
-            if statuses[k] == "interrupted":
+        for k, status in enumerate(statuses):
+            if status == "interrupted":
                 stack.export_optimizer_state(k)
     except Exception as exc:  # every model of the stack failed with it
         error = f"{type(exc).__name__}: {exc}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,12 @@ class VectorizedLauncherConf:
 
 ConfigStore.instance().store(group="hydra/launcher", name="bnexp_vectorized",
                              node=VectorizedLauncherConf, provider="bnexp")
+
+
+def _collect(found: dict, i: int, cfg: DictConfig) -> int:
+    """The task run for each job of a stack: note its config and directory, train nothing."""
+    found[i] = (cfg, Path(HydraConfig.get().runtime.output_dir))
+    return 0
 
 
 class VectorizedLauncher(Launcher):
@@ -83,10 +90,7 @@ class VectorizedLauncher(Launcher):
                 # train the chunk as one stack.
                 found: dict[int, tuple[DictConfig, Path]] = {}
                 for i in chunk:
-                    def collect(cfg: DictConfig, i: int = i) -> int:
-                        found[i] = (cfg, Path(HydraConfig.get().runtime.output_dir))
-                        return 0
-                    returns[i] = self._run_job(configs[i], collect)
+                    returns[i] = self._run_job(configs[i], partial(_collect, found, i))
                 codes = vectorized.hydra_group([found[i][0] for i in chunk],
                                                [found[i][1] for i in chunk])
                 for i, code in zip(chunk, codes):

@@ -1,0 +1,157 @@
+"""Vectorized sweeps: K models trained as one stack equal the same models trained alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bnexp import record, runs, train, vectorized
+from bnexp.cli import app
+from bnexp.config import compose
+
+runner = CliRunner()
+F64 = ["device=cpu", "trainer.progress=none", "trainer.precision=fp64", "trainer.log_every=5",
+       "trainer.eval_every=10", "trainer.diagnostics_every=10", "trainer.batch_size=32"]
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return record.load_checkpoint(run_dir / "checkpoints" / "final.pt")["model"]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def stacked_and_alone(tmp: Path, variants: list[list[str]], common: list[str]
+                      ) -> list[tuple[dict, dict, Path, Path]]:
+    cfgs = [compose([*F64, *common, *v]) for v in variants]
+    assert len(vectorized.groups(cfgs)) == 1, "the variants must share one stack"
+    stacked_dirs = [tmp / f"stacked{i}" for i in range(len(cfgs))]
+    stacked = vectorized.run_group(cfgs, stacked_dirs)
+    out = []
+    for i, cfg in enumerate(cfgs):
+        alone = train.run(cfg, tmp / f"alone{i}")
+        out.append((stacked[i], alone, stacked_dirs[i], tmp / f"alone{i}"))
+    return out
+
+
+def test_stack_equals_single_runs_in_float64_and_a_diverging_model_disturbs_none(
+        tmp_path: Path) -> None:
+    variants = [["optim.lr=0.05", "seed=0"],
+                ["optim.lr=0.2", "seed=1", "optim.momentum=0.5", "optim.weight_decay=0.001"],
+                ["optim.lr=200", "seed=2"],  # diverges
+                ["optim.lr=0.1", "seed=3", "optim.momentum=0"]]
+    found = stacked_and_alone(tmp_path, variants, ["trainer.steps=40"])
+    statuses = [(s["status"], a["status"]) for s, a, *_ in found]
+    assert statuses == [("completed",) * 2, ("completed",) * 2, ("diverged",) * 2,
+                        ("completed",) * 2]
+    for i, (stacked, alone, sdir, adir) in enumerate(found):
+        ms, ma = stacked["metrics"], alone["metrics"]
+        assert ms["steps"] == ma["steps"]
+        assert ms["diverged_at_step"] == ma["diverged_at_step"]
+        if stacked["status"] == "diverged":
+            continue  # chaotic by then: only where and that it diverged are comparable
+        # parameters and BN running statistics (and num_batches_tracked) of every layer
+        assert max_difference(final_state(sdir), final_state(adir)) <= 1e-10, variants[i]
+        for key in ("final_val_acc", "best_val_acc", "steps_to_target", "val_acc_eval_mode",
+                    "val_acc_train_mode"):
+            assert ms[key] == ma[key], key
+        for key in ("final_val_loss", "train_loss_auc", "grad_norm_max", "act_input_drift"):
+            assert ms[key] == pytest.approx(ma[key], rel=1e-9, abs=1e-12), key
+        # the same TensorBoard record as the run alone
+        for tag in ("train/loss", "val/acc", "act_input/act1/p50", "grad_norm/layer1"):
+            s, a = runs.scalar_series(sdir, tag), runs.scalar_series(adir, tag)
+            assert [x[0] for x in s] == [x[0] for x in a] and len(s) > 1, tag
+            assert [x[1] for x in s] == pytest.approx([x[1] for x in a], rel=1e-5), tag
+    assert found[0][0]["env"]["vectorized_models"] == 4
+    assert "vectorized_models" not in found[0][1]["env"]
+
+
+@pytest.mark.parametrize("common, variants", [
+    # data.normalize=false for Adam: standardized, MNIST's blank border pixels are a nonzero
+    # constant, whose first-layer gradient is zero in exact arithmetic (BN removes the batch
+    # mean) but rounding noise in practice; Adam divides it by ~eps = 1e-8, which turns
+    # 1e-17 differences of summation order into 1e-11 weight differences. Raw pixels are 0
+    # there, and the gradient exactly 0.
+    (["optim=adam", "trainer.steps=15", "data.normalize=false"],
+     [["optim.lr=0.001", "seed=0"], ["optim.lr=0.003", "optim.beta1=0.8", "seed=1",
+                                     "optim.beta2=0.99", "optim.weight_decay=0.01"]]),
+    (["model=cnn", "model.width=4", "trainer.steps=6", "trainer.batch_size=8",
+      "trainer.diagnostics=false", "optim.nesterov=true"],
+     [["optim.lr=0.05", "seed=0"], ["optim.lr=0.1", "seed=1", "optim.momentum=0.8"]]),
+    (["model.init=normal", "model.activation=sigmoid", "optim.schedule=cosine",
+      "optim.warmup_steps=3", "trainer.steps=12"],
+     [["model.init_std=0.05", "seed=0"], ["model.init_std=0.2", "seed=0", "optim.lr=0.3"]]),
+], ids=["adam", "cnn-nesterov", "init-std-schedule"])
+def test_stack_equals_single_runs_for_adam_convnets_and_init(
+        tmp_path: Path, common: list[str], variants: list[list[str]]) -> None:
+    for stacked, alone, sdir, adir in stacked_and_alone(tmp_path, variants, common):
+        assert stacked["status"] == alone["status"] == "completed"
+        assert max_difference(final_state(sdir), final_state(adir)) <= 1e-10
+        assert stacked["metrics"]["final_val_acc"] == alone["metrics"]["final_val_acc"]
+
+
+def test_checkpoint_of_a_stacked_model_resumes_as_a_single_run(tmp_path: Path) -> None:
+    """The optimizer state a stack exports is torch.optim's: resuming model 1 alone from the
+    stack's step-10 checkpoint ends where the stack ended."""
+    common = ["trainer.steps=20", "trainer.checkpoint_every=10"]
+    cfgs = [compose([*F64, *common, f"optim.lr={lr}", f"seed={s}"])
+            for lr, s in ((0.05, 0), (0.2, 1))]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    vectorized.run_group(cfgs, dirs)
+    stacked_final = final_state(dirs[1])
+    assert record.load_checkpoint(dirs[1] / "checkpoints" / "last.pt")["step"] == 10
+    resumed = compose([*F64, *common, "optim.lr=0.2", "seed=1", f"resume={dirs[1]}"])
+    summary = train.run(resumed, dirs[1])
+    assert summary["status"] == "completed" and summary["metrics"]["steps"] == 20
+    assert max_difference(final_state(dirs[1]), stacked_final) <= 1e-10
+
+
+def test_groups_stack_only_what_differs_in_per_model_scalars() -> None:
+    cfgs = [compose(o) for o in (["optim.lr=0.1"], ["optim.lr=1", "seed=3"],
+                                 ["trainer.batch_size=32"], ["model.norm=none"],
+                                 ["optim.momentum=0", "model.init_std=0.3"],
+                                 ["trainer.threads=1", "optim.lr=0.5"])]
+    assert vectorized.groups(cfgs) == [[0, 1, 4, 5], [2], [3]]
+    resumed = compose(["resume=/somewhere"])
+    assert vectorized.groups([cfgs[0], resumed, cfgs[1]]) == [[0, 2], [1]]
+
+
+def test_sweep_vectorize_gives_every_job_its_own_run(isolated: Path) -> None:
+    tiny = ["trainer.steps=8", "trainer.eval_every=4", "trainer.log_every=4", *F64[:3]]
+    args = ["sweep", "--name", "v", "optim.lr=0.05,0.2", "model.norm=batch,none", *tiny]
+    result = runner.invoke(app, [*args, "--vectorize"])
+    assert result.exit_code == 0, result.output
+    sweep_dir = isolated / "outputs" / "sweeps" / "v"
+    found = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+    assert sorted(found) == ["lr=0.05,norm=batch", "lr=0.05,norm=none", "lr=0.2,norm=batch",
+                             "lr=0.2,norm=none"]
+    for name, summary in found.items():
+        assert summary["status"] == "completed"
+        assert summary["env"]["vectorized_models"] == 2  # one stack per norm setting
+        assert (sweep_dir / name / ".hydra" / "overrides.yaml").is_file()
+        assert list((sweep_dir / name).glob("events.out.tfevents.*"))
+        assert "one stack" in (sweep_dir / name / "train.log").read_text()
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert {j["status"] for j in manifest["jobs"].values()} == {"completed"}
+    # the same sweep one job at a time gives the same results
+    result = runner.invoke(app, ["sweep", "--name", "seq", *args[3:]])
+    assert result.exit_code == 0, result.output
+    for name, summary in found.items():
+        alone = json.loads((sweep_dir.parent / "seq" / name / "summary.json").read_text())
+        assert alone["metrics"]["final_val_acc"] == summary["metrics"]["final_val_acc"]
+    # a rerun skips everything
+    result = runner.invoke(app, [*args, "--vectorize"])
+    assert result.exit_code == 0 and "4 to run" not in result.output
+
+
+def test_vectorize_refuses_parallel_jobs(isolated: Path) -> None:
+    result = runner.invoke(app, ["sweep", "optim.lr=0.1,1", "--vectorize", "--jobs", "2"])
+    assert result.exit_code == 2
+    assert "--vectorize" in result.output and "--jobs" in result.output
+    assert not (isolated / "outputs").exists()
