@@ -30,6 +30,7 @@ INITS = ("default", "normal")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16", "fp64")
+COMPILE = ("off", "auto", "on")
 PROGRESS = ("auto", "rich", "plain", "none")
 VGG_DEPTHS = (11, 13, 16, 19)
 
@@ -104,6 +105,9 @@ class TrainerConfig:
     # fp32; bf16 = autocast (faster on GPUs, slower on CPUs without bf16 units: see
     # docs/performance.md); fp64 = parameters and inputs in double, for numerical checks.
     precision: str = "fp32"
+    # torch.compile the training forward (CUDA graphs via mode="reduce-overhead" on a GPU).
+    # auto: only on a GPU and for runs long enough to repay the one-off compile time.
+    compile: str = "auto"
     # "auto" or a positive integer; auto picks what measured fastest (see bnexp/device.py).
     threads: str = "auto"
     deterministic: bool = False
@@ -382,6 +386,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.eval_batch_size": (_positive_int, "an integer >= 1"),
     "trainer.log_every": (_positive_int, "an integer >= 1 (steps)"),
     "trainer.precision": _one_of(PRECISIONS),
+    "trainer.compile": _one_of(COMPILE),
     "trainer.threads": (
         lambda v: v == "auto" or (str(v).isdigit() and int(v) >= 1),
         "auto or an integer >= 1",

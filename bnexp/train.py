@@ -30,6 +30,24 @@ from bnexp.device import choose_threads, environment, resolve_device, seed_every
 
 log = logging.getLogger("bnexp")
 RESIDENT_FLOAT_BYTES = 2**31  # a standardized float copy of the training set up to this size
+# trainer.compile=auto compiles from this many steps on (GPU only): compiling costs seconds up
+# front (docs/performance.md), which short runs never repay. CPU runs stay eager: there the
+# compile took longer than the whole default run.
+COMPILE_MIN_STEPS = 2000
+
+
+def compiled_forward(model: nn.Module, device: torch.device, setting: str, total_steps: int,
+                     backend: str = "inductor") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The callable the training step runs: the model itself, or torch.compile of it. Only the
+    training forward is compiled; evaluation and probes run the eager model (with its hooks)."""
+    on = setting == "on" or (setting == "auto" and device.type == "cuda"
+                             and total_steps >= COMPILE_MIN_STEPS)
+    if not on:
+        return model
+    # reduce-overhead captures the step's kernels in a CUDA graph and replays it: on small
+    # nets the GPU otherwise idles between kernel launches.
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    return torch.compile(model, mode=mode, backend=backend)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -149,6 +167,11 @@ class Trainer:
             self.optimizer, lr_factor(cfg.optim, self.total_steps))
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.autocast = self.t.precision == "bf16"
+        # channels_last: the layout cuDNN's fastest conv kernels (and bf16 tensor cores) use.
+        self.channels_last = device.type == "cuda" and cfg.model.name != "mlp"
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.forward = compiled_forward(model, device, self.t.compile, self.total_steps)
         self.activation = str(cfg.model.activation)
         self.params = list(model.parameters())
         self.run_dir, self.config = run_dir, config
@@ -173,16 +196,18 @@ class Trainer:
         """The model inputs of a batch of training indices."""
         # index_select, not x[idx]: 0.03 vs 0.18 ms for a 128-row MNIST batch on CPU here.
         if self.x_train is not None:
-            return self.x_train.index_select(0, idx)
-        x = self.ds.x_train.index_select(0, idx)
-        if self.augment:
-            x = data.augment(x, self.generator)
-        return self.inputs(x)
+            x = self.x_train.index_select(0, idx)
+        else:
+            x = self.ds.x_train.index_select(0, idx)
+            if self.augment:
+                x = data.augment(x, self.generator)
+            x = self.inputs(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch(idx), self.ds.y_train[idx]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.model(x)
+            logits = self.forward(x)
         loss = F.cross_entropy(full_precision(logits), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,7 +13,9 @@ drift hit every variant alike), and every claim is a ratio of two figures from t
   vectorized  K models trained at once (`bnexp sweep --vectorize`) vs K sequential runs;
   startup     `bnexp --help`, `bnexp list`, `bnexp compare` (no torch import) and a run's own
               set-up time, imports excluded;
-  gpu         eager vs compiled / CUDA-graph steps, when a GPU is present.
+  compile     torch.compile on the CPU: its one-off cost and its gain per step;
+  gpu         the GPU goals (eager vs CUDA graphs, bf16 + channels_last CNN), when a GPU is
+              present; on a machine without one the section says so.
 
     python scripts/bench.py [--quick] [--only SECTION ...] [--repeats N] [--json FILE]
 
@@ -47,7 +49,8 @@ from bnexp import data, models, train
 from bnexp.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("throughput", "threads", "precision", "vectorized", "startup", "gpu")
+SECTIONS = ("throughput", "threads", "precision", "vectorized", "startup", "compile",
+            "gpu")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -405,29 +408,94 @@ def _timed_run(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-# ----------------------------------------------------------------------------- gpu
+# ----------------------------------------------------------------------------- compile, gpu
+
+
+def write_synthetic(root: Path, mnist: int, cifar: int) -> None:
+    """MNIST- and CIFAR-10-sized random datasets in torchvision's on-disk formats: timings
+    do not depend on the pixels, and the real files cannot be downloaded everywhere."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (mnist, 1, 28, 28), dtype=np.uint8))
+    y = torch.from_numpy(rng.integers(0, 10, mnist))
+    write_mnist_raw(data.Dataset("mnist", x, y, x[:10000], y[:10000], 10,
+                                 torch.zeros(1), torch.ones(1)), root)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        n = cifar // 5 if name != "test_batch" else min(cifar, 10000)
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in
+                                                                          range(10)]}))
+
+
+def timed_fit(overrides: list[str], tmp: Path) -> tuple[float, float, dict]:
+    """(seconds of Trainer.fit, seconds of the whole run, summary) of one run."""
+    start = time.perf_counter()
+    with FitTimer() as timer:
+        summary = train.run(compose(overrides), Path(tempfile.mkdtemp(dir=tmp)))
+    assert summary["status"] in ("completed", "diverged"), summary
+    return timer.seconds, time.perf_counter() - start, summary
+
+
+QUIET = ["trainer.progress=none", "trainer.checkpoint=false", "trainer.diagnostics=false"]
+
+
+def bench_compile(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """torch.compile's one-off cost and its gain per step on this machine's CPU (the GPU
+    section does the same on a GPU): the first compiled run pays the compilation, later runs
+    in the same process reuse it."""
+    rows = []
+    base = ["device=cpu", *QUIET, "trainer.batch_size=128", f"trainer.steps={args.steps_mlp}",
+            "trainer.threads=1", "trainer.eval_every=1000000"]
+    eager = [timed_fit([*base, "trainer.compile=off"], tmp)[0] for _ in range(args.repeats)]
+    first = timed_fit([*base, "trainer.compile=on"], tmp)[0]
+    again = [timed_fit([*base, "trainer.compile=on"], tmp)[0] for _ in range(args.repeats)]
+    e, c = statistics.median(eager), statistics.median(again)
+    rows.append({"device": "cpu", "model": "MLP + BN, batch 128", "steps": args.steps_mlp,
+                 "eager s": e, "compiled s": c, "speed-up": e / c,
+                 "one-off compile s": first - c,
+                 "break-even steps": (first - c) / max((e - c) / args.steps_mlp, 1e-12)
+                 if e > c else "never"})
+    return rows
 
 
 def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
-    """Eager vs compiled training on the GPU: MNIST-format MLP +-BN for 10 epochs, and the
-    CIFAR-shaped small CNN with bf16 + channels_last for one epoch (synthetic CIFAR-10-sized
-    data when the real files are absent: the timing does not depend on the pixels)."""
+    """The GPU goals: MNIST-sized MLP +-BN, batch 128, 10 epochs, eager vs compiled (CUDA
+    graphs); CIFAR-10-sized small CNN + BN, bf16, channels_last, augmentation on the GPU, one
+    epoch."""
     if not torch.cuda.is_available():
         return [{"what": "GPU", "result": "not measured: no CUDA device on this machine"}]
+    root = tmp / "synthetic"
+    write_synthetic(root, 6000 if args.quick else 60000, 5000 if args.quick else 50000)
+    card = torch.cuda.get_device_name()
     rows = []
+    common = ["device=cuda", *QUIET, f"data.root={root}", "trainer.eval_every=1000000",
+              "trainer.log_every=1000000"]
     for norm in ("batch", "none"):
         for compile_mode in ("off", "on"):
-            cfg = compose(["device=cuda", "trainer.progress=none", "trainer.checkpoint=false",
-                           "trainer.batch_size=128", f"trainer.epochs={args.gpu_epochs}",
-                           "trainer.diagnostics=false", "trainer.eval_every=1000000",
-                           "trainer.log_every=1000000", f"model.norm={norm}",
-                           f"trainer.compile={compile_mode}"])
-            with FitTimer() as timer:
-                summary = train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
-            rows.append({"what": f"MLP norm={norm}, {args.gpu_epochs} epochs of mnist5k",
-                         "compile": compile_mode, "seconds": timer.seconds,
-                         "val acc": summary["metrics"]["final_val_acc"],
-                         "device": torch.cuda.get_device_name()})
+            overrides = [*common, "data=mnist", "trainer.batch_size=128",
+                         f"trainer.epochs={args.gpu_epochs}", f"model.norm={norm}",
+                         f"trainer.compile={compile_mode}"]
+            first = timed_fit(overrides, tmp)[0]
+            fits = [timed_fit(overrides, tmp)[0] for _ in range(args.repeats)]
+            rows.append({"card": card, "what": f"MNIST-sized MLP norm={norm}, batch 128, "
+                         f"{args.gpu_epochs} epochs", "compile": compile_mode,
+                         "seconds": statistics.median(fits), "first run": first})
+    for compile_mode in ("off", "on"):
+        overrides = [*common, "data=cifar10", "model=cnn", "trainer.precision=bf16",
+                     "data.augment=true", "trainer.batch_size=512", "trainer.epochs=1",
+                     f"trainer.compile={compile_mode}"]
+        first = timed_fit(overrides, tmp)[0]
+        fits = [timed_fit(overrides, tmp)[0] for _ in range(args.repeats)]
+        rows.append({"card": card, "what": "CIFAR-10-sized CNN + BN, bf16, channels_last, "
+                     "GPU augmentation, batch 512, 1 epoch", "compile": compile_mode,
+                     "seconds": statistics.median(fits), "first run": first})
     return rows
 
 

@@ -129,3 +129,61 @@ def test_sigterm_records_an_interrupted_run_and_exits_143(isolated: Path) -> Non
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["step"] == summary["metrics"]["steps"]
     assert not (run_dir / "checkpoints" / "final.pt").exists()
+
+
+def _step(forward, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN001, ANN202
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(forward(x), y)
+    loss.backward()
+    return (loss.detach(), [p.grad.clone() for p in model.parameters()],
+            [b.clone() for b in model.buffers()])
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
+    """torch.compile's graph capture of the training forward (AOTAutograd, as on a GPU; the
+    aot_eager backend runs its graphs without generating kernels): same loss, gradients and
+    BN running statistics as the eager step."""
+    from bnexp import models, train
+    from bnexp.config import compose
+
+    cfg = compose([f"model={model_name}", "model.width=8"])
+    torch.manual_seed(0)
+    eager_model = models.build(cfg.model, (1, 28, 28), 10)
+    compiled_model = models.build(cfg.model, (1, 28, 28), 10)
+    compiled_model.load_state_dict(eager_model.state_dict())
+    forward = train.compiled_forward(compiled_model, torch.device("cpu"), "on", 10,
+                                     backend="aot_eager")
+    assert forward is not compiled_model
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    for _ in range(2):  # the second call replays the captured graph
+        e, c = _step(eager_model, eager_model, x, y), _step(forward, compiled_model, x, y)
+        assert torch.allclose(e[0], c[0], atol=1e-6)
+        for a, b in zip(e[1] + e[2], c[1] + c[2], strict=True):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_compile_auto_stays_eager_on_cpu_and_for_short_runs() -> None:
+    from bnexp import train
+
+    model = torch.nn.Linear(2, 2)
+    cpu = torch.device("cpu")
+    assert train.compiled_forward(model, cpu, "auto", 10**6) is model
+    assert train.compiled_forward(model, cpu, "off", 10**6) is model
+    assert train.compiled_forward(model, torch.device("cuda"), "auto", 10) is model
+
+
+@pytest.mark.slow
+def test_inductor_compiled_run_matches_the_eager_run(isolated: Path) -> None:
+    """trainer.compile=on end to end on the CPU (inductor generates C++; tens of seconds)."""
+    from bnexp import record, train
+    from bnexp.config import compose
+
+    base = ["device=cpu", "trainer.steps=20", "trainer.progress=none", "trainer.threads=1"]
+    eager = train.run(compose([*base, "trainer.compile=off"]), isolated / "eager")
+    compiled = train.run(compose([*base, "trainer.compile=on"]), isolated / "compiled")
+    assert eager["status"] == compiled["status"] == "completed"
+    a = record.load_checkpoint(isolated / "eager" / "checkpoints" / "final.pt")["model"]
+    b = record.load_checkpoint(isolated / "compiled" / "checkpoints" / "final.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
