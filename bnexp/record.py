@@ -158,9 +158,20 @@ class Events:
             self.writer.add_scalar(tag, value, step)
 
     def histograms(self, step: int, tensors: Mapping[str, Any]) -> None:
+        """64-bin histograms, binned by torch with one host transfer per tensor (add_histogram's
+        numpy path cost ~1 ms per tensor here, a visible share of a short run)."""
+        import torch
+
         for tag, tensor in tensors.items():
-            if tensor.isfinite().all():  # TensorBoard rejects NaN bins; a NaN is in the scalars
-                self.writer.add_histogram(tag, tensor.detach().float().cpu(), step, bins=64)
+            t = tensor.detach().flatten().double().cpu()
+            lo, hi = (t.min().item(), t.max().item()) if t.numel() else (0.0, 0.0)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                continue  # TensorBoard rejects NaN bins; the NaN shows in the scalars
+            counts, edges = torch.histogram(t, bins=64, range=(lo, hi if hi > lo else lo + 1))
+            self.writer.add_histogram_raw(
+                tag, min=lo, max=hi, num=t.numel(), sum=t.sum().item(),
+                sum_squares=t.dot(t).item(), bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist(), global_step=step)
 
     def hparams(self, step: int, config: dict, metrics: Mapping[str, Any]) -> None:
         """One HParams entry in this run's own event file (SummaryWriter.add_hparams would

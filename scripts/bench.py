@@ -240,23 +240,27 @@ EVERY_DIAGNOSTIC = ["trainer.diagnostics_every=50", "trainer.histogram_every=100
 
 def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
     ds = data.load(compose([]).data)
-    write_mnist_raw(ds, tmp / "torchvision")
+    raw = tmp / "torchvision"
+    write_mnist_raw(ds, raw)
     rows = []
     for model_name, steps in (("mlp", args.steps_mlp), ("cnn", args.steps_cnn)):
         bs = 128
-        with threads(1):
-            raw = tmp / "torchvision"
-            variants = {
-                "DataLoader, 0 workers": partial(dataloader_loop, raw, model_name, bs, steps, 0),
-                "DataLoader, 2 workers": partial(dataloader_loop, raw, model_name, bs, steps, 2),
-                "minimal resident loop": partial(minimal_loop, ds, model_name, bs, steps),
-                "bnexp train (default logging)": partial(bnexp_loop, model_name, bs, steps, tmp),
-                "bnexp train (every diagnostic)": partial(bnexp_loop, model_name, bs, steps, tmp,
+        def variants(n: int, model_name: str = model_name, bs: int = bs) -> dict:
+            return {
+                "DataLoader, 0 workers": partial(dataloader_loop, raw, model_name, bs, n, 0),
+                "DataLoader, 2 workers": partial(dataloader_loop, raw, model_name, bs, n, 2),
+                "minimal resident loop": partial(minimal_loop, ds, model_name, bs, n),
+                "bnexp train (default logging)": partial(bnexp_loop, model_name, bs, n, tmp),
+                "bnexp train (every diagnostic)": partial(bnexp_loop, model_name, bs, n, tmp,
                                                           EVERY_DIAGNOSTIC),
             }
-            for fn in variants.values():  # warm-up: imports, allocator, worker start-up
+
+        with threads(1):
+            for fn in variants(2).values():  # warm-up: imports, allocator, worker start-up
                 fn()
-            sps = interleaved(variants, args.repeats)
+            # conv steps take ~0.4 s here: fewer rounds keep the section within minutes
+            sps = interleaved(variants(steps), args.repeats if model_name == "mlp" else
+                              min(args.repeats, 3))
             net = models.build(cfg_for(model_name, bs, steps).model, (1, 28, 28), 10)
             limit = matmul_rate(torch.device("cpu")) / train_flops_per_sample(net, (1, 28, 28))
         minimal = sps["minimal resident loop"]
@@ -319,18 +323,20 @@ def bench_threads(args: argparse.Namespace, tmp: Path) -> list[dict]:
 def bench_precision(args: argparse.Namespace, tmp: Path) -> list[dict]:
     rows = []
     for model_name, steps in (("mlp", args.steps_mlp), ("cnn", max(args.steps_cnn, 6))):
+        # bf16 conv steps take seconds on a CPU without bf16 units: a shorter run for the result
+        result_steps = args.steps_result if model_name == "mlp" else args.steps_result // 10
         with threads(1 if model_name == "mlp" else os.cpu_count() or 1):
             times = interleaved({p: partial(step_ms, model_name, 128, steps, p)
                                  for p in ("fp32", "bf16")}, args.repeats)
             accs = {}
             for p in ("fp32", "bf16"):
-                cfg = cfg_for(model_name, 128, args.steps_result, [f"trainer.precision={p}"])
+                cfg = cfg_for(model_name, 128, result_steps, [f"trainer.precision={p}"])
                 summary = train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
                 accs[p] = summary["metrics"]["final_val_acc"]
         rows.append({"model": model_name, "fp32 step ms": times["fp32"],
                      "bf16 step ms": times["bf16"], "bf16 speed-up": times["fp32"] / times["bf16"],
                      "fp32 val acc": accs["fp32"], "bf16 val acc": accs["bf16"],
-                     "steps trained": args.steps_result})
+                     "steps trained": result_steps})
     return rows
 
 
@@ -359,7 +365,8 @@ def bench_vectorized(args: argparse.Namespace, tmp: Path) -> list[dict]:
         vectorized.run(cfgs, dirs)
         return time.perf_counter() - start
 
-    seconds = interleaved({"sequential": sequential, "vectorized": stacked}, args.repeats)
+    seconds = interleaved({"sequential": sequential, "vectorized": stacked},
+                          min(args.repeats, 3))
     samples = k * steps * 128
     return [{"models": k, "steps each": steps, "way": way, "seconds": s,
              "samples/s": samples / s, "speed-up": seconds["sequential"] / s}
@@ -530,7 +537,7 @@ def main() -> None:
     quick = args.quick
     args.repeats = args.repeats or (1 if quick else 5)
     args.models = args.models or (3 if quick else 32)
-    args.steps_mlp, args.steps_cnn = (8, 2) if quick else (300, 20)
+    args.steps_mlp, args.steps_cnn = (8, 2) if quick else (300, 40)
     args.steps_result = 10 if quick else 300
     args.steps_vectorized = 6 if quick else 150
     args.gpu_epochs = 1 if quick else 10

@@ -124,8 +124,3 @@ def test_augment_crops_and_flips_each_image_on_its_own() -> None:
     assert sum(flipped) + sum(same) < 64
 
 
-def test_epoch_batches_cover_the_set_once_and_drop_the_remainder() -> None:
-    g = torch.Generator().manual_seed(0)
-    batches = list(data.epoch_batches(10, 3, g, torch.device("cpu")))
-    assert [len(b) for b in batches] == [3, 3, 3]
-    assert len(set(torch.cat(batches).tolist())) == 9

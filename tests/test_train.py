@@ -187,3 +187,19 @@ def test_inductor_compiled_run_matches_the_eager_run(isolated: Path) -> None:
     b = record.load_checkpoint(isolated / "compiled" / "checkpoints" / "final.pt")["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+
+
+def test_batches_cover_each_epoch_once_and_drop_the_remainder(isolated: Path) -> None:
+    from bnexp import models, train
+    from bnexp.config import compose
+
+    cfg = compose(["trainer.batch_size=1500", "device=cpu", "trainer.progress=none"])
+    device, ds = train.preflight(cfg)  # mnist5k: 4,000 training samples
+    trainer = train.Trainer(cfg, isolated, device, ds,
+                            models.build(cfg.model, ds.in_shape, ds.num_classes), {})
+    epoch = [trainer.next_batch() for _ in range(2)]
+    assert trainer.epoch == 1 and [len(b) for b in epoch] == [1500, 1500]
+    assert len(set(torch.cat(epoch).tolist())) == 3000  # no sample twice; 1,000 left over
+    trainer.next_batch()
+    assert trainer.epoch == 2
+    trainer.events.close()

@@ -1,0 +1,41 @@
+"""scripts/bench.py runs end to end in --quick mode and prints its tables (its figures are
+checked for sense, never against a speed: speed is the benchmark's job, not a test's)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
+    out = isolated / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "throughput",
+         "vectorized", "startup", "gpu", "--json", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for title in ("### throughput", "### vectorized", "### startup", "### gpu"):
+        assert title in result.stdout
+    rows = json.loads(out.read_text())
+    loops = {(r["model"], r["loop"]): r for r in rows["throughput"]}
+    for model in ("mlp", "cnn"):
+        minimal = loops[(model, "minimal resident loop")]
+        assert minimal["vs minimal"] == 1.0
+        for name in ("DataLoader, 0 workers", "DataLoader, 2 workers",
+                     "bnexp train (default logging)", "bnexp train (every diagnostic)",
+                     "arithmetic limit (1 thread)"):
+            row = loops[(model, name)]
+            assert row["samples/s"] > 0 and math.isfinite(row["samples/s"])
+            assert row["vs minimal"] == row["samples/s"] / minimal["samples/s"]
+    ways = {r["way"]: r for r in rows["vectorized"]}
+    assert ways["sequential"]["speed-up"] == 1.0 and ways["vectorized"]["seconds"] > 0
+    startup = {r["what"]: r for r in rows["startup"]}
+    for command in ("bnexp --help", "bnexp list", "bnexp compare"):
+        assert startup[command]["imports torch"] == "False", command
+    assert 0 < startup["run set-up on mnist5k (imports excluded)"]["seconds"]
+    assert "GPU" in result.stdout
