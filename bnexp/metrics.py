@@ -91,15 +91,27 @@ def median(values: Sequence[float]) -> float | None:
 # ----------------------------------------------------------------------------- distributions
 
 
-def percentiles(x: torch.Tensor, qs: Sequence[float] = PERCENTILES,
-                max_elements: int = 1 << 20) -> list[float]:
-    """Percentiles (0-100) of all elements of x, with numpy's default (linear) interpolation.
-    Tensors larger than max_elements are subsampled with a fixed stride."""
+def sample(x: torch.Tensor, max_elements: int = 1 << 16) -> torch.Tensor:
+    """The elements of x, flattened; above max_elements a fixed-seed uniform random subset of
+    that size (a conv activation map has millions of elements, and sorting them took seconds
+    per probe; a stride would alias with the feature-map layout)."""
     import torch
 
-    flat = x.detach().flatten().float()
-    if flat.numel() > max_elements:
-        flat = flat[:: math.ceil(flat.numel() / max_elements)]
+    flat = x.detach().flatten()
+    if flat.numel() <= max_elements:
+        return flat
+    g = torch.Generator(device=flat.device).manual_seed(0)
+    idx = torch.randint(flat.numel(), (max_elements,), generator=g, device=flat.device)
+    return flat[idx]
+
+
+def percentiles(x: torch.Tensor, qs: Sequence[float] = PERCENTILES,
+                max_elements: int = 1 << 16) -> list[float]:
+    """Percentiles (0-100) of all elements of x, with numpy's default (linear) interpolation;
+    of a random subset of max_elements of them for larger tensors (see sample)."""
+    import torch
+
+    flat = sample(x, max_elements).float()
     q = torch.tensor([v / 100 for v in qs], device=flat.device)
     return torch.quantile(flat, q).tolist()
 

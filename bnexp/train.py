@@ -177,6 +177,9 @@ class Trainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.forward = compiled_forward(model, device, self.t.compile, self.total_steps)
+        # CUDA graphs reuse their output memory: mark each step's start so that a replay never
+        # overwrites tensors the previous step still holds.
+        self.graphed = self.forward is not model and device.type == "cuda"
         self.activation = str(cfg.model.activation)
         self.params = list(model.parameters())
         self.run_dir, self.config = run_dir, config
@@ -211,6 +214,8 @@ class Trainer:
 
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch(idx), self.ds.y_train[idx]
+        if self.graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = self.forward(x)
         loss = F.cross_entropy(full_precision(logits), y)

@@ -460,10 +460,12 @@ def bench_compile(args: argparse.Namespace, tmp: Path) -> list[dict]:
     rows = []
     base = ["device=cpu", *QUIET, "trainer.batch_size=128", f"trainer.steps={args.steps_mlp}",
             "trainer.threads=1", "trainer.eval_every=1000000"]
-    eager = [timed_fit([*base, "trainer.compile=off"], tmp)[0] for _ in range(args.repeats)]
-    first = timed_fit([*base, "trainer.compile=on"], tmp)[0]
-    again = [timed_fit([*base, "trainer.compile=on"], tmp)[0] for _ in range(args.repeats)]
-    e, c = statistics.median(eager), statistics.median(again)
+    timed_fit([*base, "trainer.compile=off"], tmp)  # warm-up
+    first = timed_fit([*base, "trainer.compile=on"], tmp)[0]  # compiles (or loads its cache)
+    fits = interleaved({mode: lambda mode=mode: timed_fit([*base, f"trainer.compile={mode}"],
+                                                          tmp)[0] for mode in ("off", "on")},
+                       args.repeats)
+    e, c = fits["off"], fits["on"]
     rows.append({"device": "cpu", "model": "MLP + BN, batch 128", "steps": args.steps_mlp,
                  "eager s": e, "compiled s": c, "speed-up": e / c,
                  "one-off compile s": first - c,

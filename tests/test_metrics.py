@@ -70,6 +70,17 @@ def test_percentiles_match_numpy() -> None:
     assert metrics.percentiles(x) == pytest.approx(expected.tolist(), rel=1e-5)
 
 
+def test_percentiles_of_a_conv_sized_tensor_come_from_an_unbiased_fixed_sample() -> None:
+    # a feature map whose value depends on the pixel position: a strided subsample would see
+    # only a few positions; the random subset sees them all
+    rows = torch.arange(28.0).repeat_interleave(28).reshape(1, 1, 28, 28)
+    x = rows.expand(256, 16, 28, 28) + 0.01 * torch.randn(256, 16, 28, 28)  # 3.2M values
+    expected = np.percentile(x.numpy(), [15, 50, 85])
+    assert metrics.percentiles(x) == pytest.approx(expected.tolist(), abs=0.6)
+    assert metrics.percentiles(x) == metrics.percentiles(x)  # fixed seed: reproducible
+    assert len(metrics.sample(x)) == 1 << 16 and metrics.sample(x[:1, :1]).numel() == 784
+
+
 def test_saturated_fraction_for_sigmoid_and_tanh_only() -> None:
     x = torch.tensor([-10.0, -3.0, 0.0, 3.0, 5.0])
     assert metrics.saturated_fraction(x, "sigmoid") == pytest.approx(2 / 5)
