@@ -479,8 +479,10 @@ def board(
     typer.echo(f"TensorBoard on {path}: {url}  (Ctrl-C to stop)", err=False)
     sys.stdout.flush()
     try:
+        # Short sleeps: a Ctrl-C that the kernel hands to one of TensorBoard's gRPC threads
+        # only runs Python's handler once the main thread wakes up (a long sleep hung here).
         while True:
-            time.sleep(3600)
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
 

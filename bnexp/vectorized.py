@@ -61,11 +61,6 @@ def _per_model(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
-def _expand(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A per-model vector shaped to broadcast over a stacked tensor."""
-    return v.view(-1, *[1] * (p.dim() - 1))
-
-
 class Stack:
     """The K trainers' models as stacked tensors, with a vectorized step."""
 

@@ -24,7 +24,9 @@ def test_board_serves_the_runs(tmp_path: Path) -> None:
         writer.close()
     proc = subprocess.Popen([sys.executable, "-m", "bnexp", "board", str(tmp_path / "sweep")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # as from a terminal: a shell's background job inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = ""
         deadline = time.time() + 60
