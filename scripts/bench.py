@@ -243,7 +243,8 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
     raw = tmp / "torchvision"
     write_mnist_raw(ds, raw)
     rows = []
-    for model_name, steps in (("mlp", args.steps_mlp), ("cnn", args.steps_cnn)):
+    for model_name, steps in (("mlp", args.steps_mlp), ("cnn", args.steps_cnn))[
+            : 1 if args.quick else 2]:  # --quick: the conv rows only cost time
         bs = 128
         def variants(n: int, model_name: str = model_name, bs: int = bs) -> dict:
             return {
@@ -256,8 +257,8 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
             }
 
         with threads(1):
-            for fn in variants(2).values():  # warm-up: imports, allocator, worker start-up
-                fn()
+            for fn in variants(2).values() if not args.quick else ():  # warm-up: imports,
+                fn()  # allocator, worker start-up
             # conv steps take ~0.4 s here: fewer rounds keep the section within minutes
             sps = interleaved(variants(steps), args.repeats if model_name == "mlp" else
                               min(args.repeats, 3))
