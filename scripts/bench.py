@@ -234,6 +234,8 @@ def bnexp_loop(model_name: str, batch_size: int, steps: int, tmp: Path,
     return steps * batch_size / timer.seconds
 
 
+# Only the final evaluation and log line: the loop itself, against the minimal loop.
+BARE = ["trainer.diagnostics=false", "trainer.eval_every=1000000", "trainer.log_every=1000000"]
 EVERY_DIAGNOSTIC = ["trainer.diagnostics_every=50", "trainer.histogram_every=100",
                     "trainer.probe_every=100"]
 
@@ -251,6 +253,8 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
                 "DataLoader, 0 workers": partial(dataloader_loop, raw, model_name, bs, n, 0),
                 "DataLoader, 2 workers": partial(dataloader_loop, raw, model_name, bs, n, 2),
                 "minimal resident loop": partial(minimal_loop, ds, model_name, bs, n),
+                "bnexp train (no eval, logs, diagnostics)": partial(bnexp_loop, model_name, bs,
+                                                                    n, tmp, BARE),
                 "bnexp train (default logging)": partial(bnexp_loop, model_name, bs, n, tmp),
                 "bnexp train (every diagnostic)": partial(bnexp_loop, model_name, bs, n, tmp,
                                                           EVERY_DIAGNOSTIC),
