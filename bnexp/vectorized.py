@@ -314,8 +314,8 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
     trainers: list[train.Trainer] = []
     for cfg, run_dir in zip(cfgs, run_dirs):
         tr = train.prepare(cfg, run_dir)
-        if trainers and trainers[0].x_train is not None:
-            tr.x_train = trainers[0].x_train  # one standardized copy of the data for all
+        if trainers:  # one standardized copy of the data for all (the data config is common)
+            tr.x_train, tr.x_val = trainers[0].x_train, trainers[0].x_val
         tr.progress.mode = "none"  # one log line per evaluation for the whole stack instead
         tr.env["vectorized_models"] = len(cfgs)
         trainers.append(tr)
