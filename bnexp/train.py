@@ -36,18 +36,36 @@ RESIDENT_FLOAT_BYTES = 2**31  # a standardized float copy of the training set up
 COMPILE_MIN_STEPS = 2000
 
 
-def compiled_forward(model: nn.Module, device: torch.device, setting: str, total_steps: int,
-                     backend: str = "inductor") -> Callable[[torch.Tensor], torch.Tensor]:
-    """The callable the training step runs: the model itself, or torch.compile of it. Only the
-    training forward is compiled; evaluation and probes run the eager model (with its hooks)."""
-    on = setting == "on" or (setting == "auto" and device.type == "cuda"
-                             and total_steps >= COMPILE_MIN_STEPS)
-    if not on:
-        return model
-    # reduce-overhead captures the step's kernels in a CUDA graph and replays it: on small
+def should_compile(device: torch.device, setting: str, total_steps: int) -> bool:
+    """trainer.compile: on, off, or auto (on a GPU, for runs long enough to repay it)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda"
+                               and total_steps >= COMPILE_MIN_STEPS)
+
+
+def loss_and_hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training step's forward: mean cross-entropy and the number of correct predictions."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+        logits = model(x)
+    loss = F.cross_entropy(full_precision(logits), y)
+    return loss, (logits.detach().argmax(1) == y).sum()
+
+
+def loss_function(model: nn.Module, autocast: bool, compiled: bool, device: torch.device,
+                  backend: str = "inductor") -> Callable[[torch.Tensor, torch.Tensor],
+                                                         tuple[torch.Tensor, torch.Tensor]]:
+    """loss_and_hits on the model, eager or torch.compile'd. Compiled, the forward, the loss
+    and the accuracy count are one graph (fewer, fused kernels). Evaluation and probes always
+    run the eager model, with its hooks."""
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_and_hits(model, x, y, autocast)
+
+    if not compiled:
+        return step
+    # reduce-overhead captures the step's kernels in CUDA graphs and replays them: on small
     # nets the GPU otherwise idles between kernel launches.
     mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-    return torch.compile(model, mode=mode, backend=backend)
+    return torch.compile(step, mode=mode, backend=backend)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -176,10 +194,11 @@ class Trainer:
         self.channels_last = device.type == "cuda" and cfg.model.name != "mlp"
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.forward = compiled_forward(model, device, self.t.compile, self.total_steps)
+        compiled = should_compile(device, self.t.compile, self.total_steps)
+        self.loss_and_hits = loss_function(model, self.autocast, compiled, device)
         # CUDA graphs reuse their output memory: mark each step's start so that a replay never
         # overwrites tensors the previous step still holds.
-        self.graphed = self.forward is not model and device.type == "cuda"
+        self.graphed = compiled and device.type == "cuda"
         self.activation = str(cfg.model.activation)
         self.params = list(model.parameters())
         self.run_dir, self.config = run_dir, config
@@ -213,12 +232,10 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch(idx), self.ds.y_train[idx]
+        x, y = self.batch(idx), self.ds.y_train.index_select(0, idx)
         if self.graphed:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.forward(x)
-        loss = F.cross_entropy(full_precision(logits), y)
+        loss, hits = self.loss_and_hits(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -227,7 +244,7 @@ class Trainer:
             torch.stack(torch._foreach_norm(grads)))
         self.optimizer.step()
         self.scheduler.step()
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        return loss.detach(), hits
 
     def next_batch(self) -> torch.Tensor:
         """Indices of the next batch; a new shuffled epoch when the current one is used up

@@ -36,6 +36,7 @@ log = logging.getLogger("bnexp")
 VECTORIZABLE = ("optim.lr", "optim.momentum", "optim.weight_decay", "optim.beta1",
                 "optim.beta2", "seed", "model.init_std")
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, which the single runs use
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph capture
 
 
 def group_key(cfg: DictConfig) -> str:
@@ -110,6 +111,19 @@ class Stack:
         self.x_train = t0.x_train  # standardized once, shared: the data config is common
         self.y_train = t0.ds.y_train
         self.autocast, self.device = t0.autocast, t0.device
+        # The step reads its inputs from these fixed tensors, so that on a GPU it can be
+        # captured once in a CUDA graph and replayed.
+        self.idx = torch.zeros(self.k, t0.t.batch_size, dtype=torch.long, device=self.device)
+        self.factor = torch.ones((), dtype=like.dtype, device=self.device)
+        self.count = torch.zeros((), dtype=like.dtype, device=self.device)  # Adam's step t
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.eager_steps = 0
+        # Small nets on a GPU spend most of a step launching kernels; a graph launches the
+        # whole step at once. It needs resident (not augmented) inputs: augmentation draws
+        # from each trainer's own generator.
+        self.capture = (self.device.type == "cuda" and self.x_train is not None
+                        and t0.t.compile != "off")
 
     # ------------------------------------------------------------------ the step
 
@@ -127,10 +141,48 @@ class Stack:
     def step(self, idx: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor,
                                                                 torch.Tensor]:
         """One step of every model on its own batch (idx: K x B). Returns per-model mean loss,
-        correct predictions and global gradient norm, all on the device."""
+        correct predictions and global gradient norm, all on the device; they are overwritten
+        by the next step."""
+        self.idx.copy_(idx)
+        self.factor.fill_(factor)
+        self.updates += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        if not self.capture:
+            return self.compute()
+        if self.eager_steps < GRAPH_WARMUP_STEPS:
+            # Real steps, run on a side stream before the capture (as CUDA graphs require).
+            self.eager_steps += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self.compute()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return out
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the step; runs nothing yet
+                self.outputs = self.compute()
+        except Exception as exc:  # noqa: BLE001 - any failure: keep training eagerly
+            log.warning("bnexp: CUDA graph capture of the vectorized step failed (%s: %s); "
+                        "the stack runs eagerly", type(exc).__name__, exc)
+            self.capture, self.outputs = False, None
+            torch.cuda.synchronize(self.device)
+            return self.compute()
+        self.graph = graph
+        graph.replay()
+        return self.outputs
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step itself, on self.idx and self.factor: forward and backward of every model,
+        then the update."""
+        idx = self.idx
         x = self.batch(idx)
         y = self.y_train.index_select(0, idx.flatten())
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+        # No autocast weight cache: a CUDA graph must not keep tensors cast outside it.
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast,
+                            cache_enabled=False):
             params = dict(zip(self.names, self.views(self.flat)))
             logits = self.forward(params, self.buffers, x)
         losses = F.cross_entropy(train.full_precision(logits.flatten(0, 1)), y,
@@ -144,7 +196,7 @@ class Stack:
         grad = torch.cat([g.reshape(self.k, -1) for g in grads], dim=1)
         self.grad = grad
         norms = torch.linalg.vector_norm(grad, dim=1)
-        self.update(grad, (self.base_lr * factor * self.active)[:, None])
+        self.update(grad, (self.base_lr * self.factor * self.active)[:, None])
         hits = (logits.detach().argmax(-1) == y.view(idx.shape)).sum(1)
         return losses.detach(), hits, norms
 
@@ -152,11 +204,11 @@ class Stack:
     def update(self, g: torch.Tensor, lr: torch.Tensor) -> None:
         """torch.optim.SGD / Adam's update rules (as the single runs use them) on all models'
         parameters at once, every hyperparameter a per-model column."""
-        self.updates += 1
-        t, p = self.updates, self.flat
+        p = self.flat
         if self.any_weight_decay:
             g = g.addcmul(p, self.weight_decay[:, None])  # L2, as torch's weight_decay
         if self.adam:
+            t = self.count.add_(1)  # a tensor: a captured step reads it at every replay
             b1, b2 = self.beta1[:, None], self.beta2[:, None]
             self.m.lerp_(g, 1 - b1)
             self.v.mul_(b2).addcmul_(g, g * (1 - b2))
@@ -164,10 +216,9 @@ class Stack:
             p.addcdiv_(self.m * (-lr / (1 - b1 ** t)), denom)
             return
         mom = self.momentum[:, None]
-        if t == 1:
-            self.m.copy_(g)  # torch starts the momentum buffer at the first gradient
-        else:
-            self.m.mul_(mom).add_(g)
+        # torch starts the momentum buffer at the first gradient: from zero, mom * 0 + g is
+        # exactly that, with no branch on the step number.
+        self.m.mul_(mom).add_(g)
         d = g.addcmul(self.m, mom) if self.nesterov else self.m
         p.addcmul_(d, -lr)
 
@@ -232,11 +283,11 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
         off_clock += time.perf_counter() - start
 
     for tr in trainers:
-        off(tr.diagnose)
+        tr.diagnose()  # the step-0 baseline, before the first window opens
     window_start, window_steps, step = time.perf_counter(), 0, 0
+    batches = Batches(trainers)
     while step < total and any(live):
-        idx = _batches(trainers, live)
-        losses, hits, norms = stack.step(idx, factor(step))
+        losses, hits, norms = stack.step(batches.next(live), factor(step))
         grad_norms[step] = norms
         loss_sum += losses
         correct += hits
@@ -245,8 +296,10 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
         for k, tr in enumerate(trainers):
             if live[k]:
                 tr.step = step
-                tr.scheduler.step()  # keeps train/lr and the checkpoints' schedule right
         last = step == total
+        if step % t.log_every == 0 or last or stop.signal or (
+                t.checkpoint_every and step % t.checkpoint_every == 0):
+            _catch_up_schedules(trainers, live, step)  # train/lr and checkpoints read them
         if step % t.log_every == 0 or last:
             seconds = time.perf_counter() - window_start - off_clock
             for k, tr in enumerate(trainers):
@@ -281,17 +334,48 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
                     stack.export_optimizer_state(k)
                     off(tr.save, record.LAST_CHECKPOINT)
         if stop.signal:
+            _catch_up_schedules(trainers, live, step)
             for k, tr in enumerate(trainers):
                 tr.loss_sum, tr.correct, tr.window_steps = loss_sum[k], correct[k], window_steps
             raise KeyboardInterrupt(stop.signal)
 
 
-def _batches(trainers: list[train.Trainer], live: list[bool]) -> torch.Tensor:
-    """Next batch indices of the live models; retired ones repeat a live model's (their
-    slot is zero and unused)."""
-    rows = [tr.next_batch() if live[k] else None for k, tr in enumerate(trainers)]
-    filler = next(r for r in rows if r is not None)
-    return torch.stack([filler if r is None else r for r in rows])
+class Batches:
+    """Every model's next batch indices (K x B) as one slice of the epoch's stacked
+    permutations. Each trainer still draws its own permutation (so its data order is the one
+    it would see alone) and keeps its own epoch and position; since all share the dataset and
+    batch size, all start a new epoch at the same step."""
+
+    def __init__(self, trainers: list[train.Trainer]):
+        self.trainers = trainers
+        self.perms: torch.Tensor | None = None
+        self.bs = trainers[0].t.batch_size
+
+    def next(self, live: list[bool]) -> torch.Tensor:
+        lead = next(tr for k, tr in enumerate(self.trainers) if live[k])
+        if lead.perm is None or (lead.pos + 1) * self.bs > len(lead.perm):
+            for k, tr in enumerate(self.trainers):
+                if live[k]:
+                    tr.next_batch()  # draws its new permutation
+            # A retired model's row repeats a live one's (its slot is zero and unused).
+            self.perms = torch.stack([tr.perm if live[k] else lead.perm
+                                      for k, tr in enumerate(self.trainers)])
+        else:
+            for k, tr in enumerate(self.trainers):
+                if live[k]:
+                    tr.pos += 1
+        pos = lead.pos
+        return self.perms[:, (pos - 1) * self.bs : pos * self.bs]
+
+
+def _catch_up_schedules(trainers: list[train.Trainer], live: list[bool], step: int) -> None:
+    """Bring the live trainers' LR schedulers to `step` (the stack applies the learning rates
+    itself; only train/lr and the checkpoints read the schedulers). LambdaLR's rate is a
+    function of its step count alone, so one step from step - 1 equals `step` steps."""
+    for k, tr in enumerate(trainers):
+        if live[k] and tr.scheduler.last_epoch != step:
+            tr.scheduler.last_epoch = step - 1
+            tr.scheduler.step()
 
 
 def run(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict]:
@@ -326,6 +410,7 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
     log.info("bnexp: training %d models as one stack (vectorized), threads=%d", len(trainers),
              threads)
     statuses, error, notes = ["completed"] * len(trainers), None, {}
+    stack = None
     try:
         stack = Stack(trainers)
         with train.stop_on_signals() as stop, warnings.catch_warnings():
@@ -345,6 +430,9 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
         error = f"{type(exc).__name__}: {exc}"
         log.exception("bnexp: vectorized training failed")
         statuses = ["failed"] * len(trainers)
+    for tr in trainers:  # how the stack's step ran: captured in a CUDA graph, or eagerly
+        tr.env["vectorized_step"] = ("cuda graph" if stack is not None and stack.graph
+                                     is not None else "eager")
     return [train.finish(tr, status, error, notes if status == "interrupted" else {})
             for tr, status in zip(trainers, statuses)]
 

@@ -181,47 +181,67 @@ def dataloader_loop(root: Path, model_name: str, batch_size: int, steps: int,
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int) -> float:
+def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
+                 device: torch.device = torch.device("cpu")) -> float:
     """Samples/s of a hand-written loop over resident, pre-normalized tensors, no logging."""
-    x = (ds.x_train.float() / 255 - 0.1307) / 0.3081
-    y = ds.y_train
-    model = models.build(cfg_for(model_name, batch_size, steps).model, (1, 28, 28), 10)
+    x = ((ds.x_train.float() / 255 - 0.1307) / 0.3081).to(device)
+    y = ds.y_train.to(device)
+    model = models.build(cfg_for(model_name, batch_size, steps).model, ds.in_shape,
+                         ds.num_classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     per_epoch = len(y) // batch_size
+    sync(device)
     start = time.perf_counter()
     for step in range(steps):
         if step % per_epoch == 0:
-            perm = torch.randperm(len(y))
+            perm = torch.randperm(len(y), device=device)
         idx = perm[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+    sync(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 
 class FitTimer:
     """Wall time of Trainer.fit (the whole loop: steps, logging, evaluation, diagnostics),
-    without the run's set-up and its final evaluation and files."""
+    without the run's set-up and its final evaluation and files. With `mark`, also the time
+    from the end of step `mark` to the end of fit (steady state: after a compile or capture
+    in the first steps)."""
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.original = train.Trainer.fit
+    def __init__(self, mark: int | None = None) -> None:
+        self.seconds, self.after_mark = 0.0, 0.0
+        self.mark = mark
+        self.original, self.original_step = train.Trainer.fit, train.Trainer.train_step
 
     def __enter__(self) -> FitTimer:
-        timer, original = self, self.original
+        timer, original, original_step = self, self.original, self.original_step
+        marked = [0.0]
 
         def fit(trainer: train.Trainer, stop: train.StopFlag) -> None:
             start = time.perf_counter()
             try:
                 original(trainer, stop)
             finally:
-                timer.seconds = time.perf_counter() - start
+                end = time.perf_counter()  # fit ends reading the last window: synchronized
+                timer.seconds = end - start
+                timer.after_mark = end - marked[0] if marked[0] else 0.0
+
+        def train_step(trainer: train.Trainer, idx: torch.Tensor) -> tuple:
+            out = original_step(trainer, idx)
+            if trainer.step + 1 == timer.mark:  # fit counts the step after train_step
+                sync(trainer.device)
+                marked[0] = time.perf_counter()
+            return out
+
         train.Trainer.fit = fit
+        if self.mark:
+            train.Trainer.train_step = train_step
         return self
 
     def __exit__(self, *exc: object) -> None:
-        train.Trainer.fit = self.original
+        train.Trainer.fit, train.Trainer.train_step = self.original, self.original_step
 
 
 def bnexp_loop(model_name: str, batch_size: int, steps: int, tmp: Path,
@@ -349,32 +369,53 @@ def bench_precision(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 
 def bench_vectorized(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """K MLP variants (learning rates), every run fully recorded, as K sequential runs and as
+    one stack, on the GPU when there is one, else on the CPU. `wall` is the whole sweep;
+    `training` the samples/s of the training loops alone (each run's train_seconds: its
+    steps, without evaluation, diagnostics and files)."""
+    if torch.cuda.is_available() and not args.quick:  # the CPU figures come from a CPU run
+        return vectorized_on("cuda", args.steps_vectorized_gpu, 1, args, tmp)
+    return vectorized_on("cpu", args.steps_vectorized, min(args.repeats, 3), args, tmp)
+
+
+def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespace,
+                  tmp: Path) -> list[dict]:
     from bnexp import vectorized
 
-    k, steps = args.models, args.steps_vectorized
+    k = args.models
     lrs = [float(f"{v:.3g}") for v in torch.logspace(-3, 0.5, k).tolist()]
-    base = ["trainer.progress=none", "device=cpu", "trainer.checkpoint=false",
+    base = ["trainer.progress=none", f"device={device}", "trainer.checkpoint=false",
             "trainer.batch_size=128", f"trainer.steps={steps}", "trainer.eval_every=100"]
+    train_seconds: dict[str, list[float]] = {"sequential": [], "vectorized": []}
+    step_kind = {"sequential": "eager"}
 
     def sequential() -> float:
         start = time.perf_counter()
-        for lr in lrs:
-            cfg = compose([*base, f"optim.lr={lr}"])
-            train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
-        return time.perf_counter() - start
+        summaries = [train.run(compose([*base, f"optim.lr={lr}"]),
+                               Path(tempfile.mkdtemp(dir=tmp))) for lr in lrs]
+        seconds = time.perf_counter() - start
+        train_seconds["sequential"].append(sum(s["metrics"]["train_seconds"]
+                                               for s in summaries))
+        return seconds
 
     def stacked() -> float:
         cfgs = [compose([*base, f"optim.lr={lr}"]) for lr in lrs]
         dirs = [Path(tempfile.mkdtemp(dir=tmp)) for _ in lrs]
         start = time.perf_counter()
-        vectorized.run(cfgs, dirs)
-        return time.perf_counter() - start
+        summaries = vectorized.run(cfgs, dirs)
+        seconds = time.perf_counter() - start
+        # the stack's training loop is every model's: its train_seconds are the stack's
+        train_seconds["vectorized"].append(summaries[0]["metrics"]["train_seconds"])
+        step_kind["vectorized"] = summaries[0]["env"]["vectorized_step"]
+        return seconds
 
-    seconds = interleaved({"sequential": sequential, "vectorized": stacked},
-                          min(args.repeats, 3))
+    seconds = interleaved({"sequential": sequential, "vectorized": stacked}, repeats)
+    trained = {way: statistics.median(v) for way, v in train_seconds.items()}
     samples = k * steps * 128
-    return [{"models": k, "steps each": steps, "way": way, "seconds": s,
-             "samples/s": samples / s, "speed-up": seconds["sequential"] / s}
+    return [{"device": device, "models": k, "steps each": steps, "way": way,
+             "step": step_kind[way], "wall s": s, "wall speed-up": seconds["sequential"] / s,
+             "training samples/s": samples / trained[way],
+             "training speed-up": trained["sequential"] / trained[way]}
             for way, s in seconds.items()]
 
 
@@ -446,13 +487,15 @@ def write_synthetic(root: Path, mnist: int, cifar: int) -> None:
                                                                           range(10)]}))
 
 
-def timed_fit(overrides: list[str], tmp: Path) -> tuple[float, float, dict]:
-    """(seconds of Trainer.fit, seconds of the whole run, summary) of one run."""
+def timed_fit(overrides: list[str], tmp: Path, mark: int | None = None
+              ) -> tuple[float, float, dict, float]:
+    """(seconds of Trainer.fit, seconds of the whole run, summary, seconds of fit after step
+    `mark`) of one run."""
     start = time.perf_counter()
-    with FitTimer() as timer:
+    with FitTimer(mark) as timer:
         summary = train.run(compose(overrides), Path(tempfile.mkdtemp(dir=tmp)))
     assert summary["status"] in ("completed", "diverged"), summary
-    return timer.seconds, time.perf_counter() - start, summary
+    return timer.seconds, time.perf_counter() - start, summary, timer.after_mark
 
 
 QUIET = ["trainer.progress=none", "trainer.checkpoint=false", "trainer.diagnostics=false"]
@@ -479,37 +522,70 @@ def bench_compile(args: argparse.Namespace, tmp: Path) -> list[dict]:
     return rows
 
 
+def _skips(counters: dict) -> int:
+    """Graphs inductor could not run as CUDA graphs so far (it counts them, with the reason)."""
+    return sum(v for k, v in counters["inductor"].items() if "skip" in k)
+
+
 def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
     """The GPU goals: MNIST-sized MLP +-BN, batch 128, 10 epochs, eager vs compiled (CUDA
     graphs); CIFAR-10-sized small CNN + BN, bf16, channels_last, augmentation on the GPU, one
-    epoch."""
+    epoch. Compiling and capturing happen in the first steps of a run: `steady` is the run's
+    time at the rate after its first epoch, `one-off` what the first run of the process cost
+    beyond that (compilation, capture, cuDNN autotuning, CUDA context)."""
     if not torch.cuda.is_available():
         return [{"what": "GPU", "result": "not measured: no CUDA device on this machine"}]
     root = tmp / "synthetic"
-    write_synthetic(root, 6000 if args.quick else 60000, 5000 if args.quick else 50000)
+    n_mnist, n_cifar = (6000, 5000) if args.quick else (60000, 50000)
+    write_synthetic(root, n_mnist, n_cifar)
     card = torch.cuda.get_device_name()
+    repeats = min(args.repeats, 3)
     rows = []
     common = ["device=cuda", *QUIET, f"data.root={root}", "trainer.eval_every=1000000",
               "trainer.log_every=1000000"]
+    cases = []
     for norm in ("batch", "none"):
         for compile_mode in ("off", "on"):
-            overrides = [*common, "data=mnist", "trainer.batch_size=128",
-                         f"trainer.epochs={args.gpu_epochs}", f"model.norm={norm}",
-                         f"trainer.compile={compile_mode}"]
-            first = timed_fit(overrides, tmp)[0]
-            fits = [timed_fit(overrides, tmp)[0] for _ in range(args.repeats)]
-            rows.append({"card": card, "what": f"MNIST-sized MLP norm={norm}, batch 128, "
-                         f"{args.gpu_epochs} epochs", "compile": compile_mode,
-                         "seconds": statistics.median(fits), "first run": first})
+            cases.append((f"MNIST-sized MLP norm={norm}, batch 128, {args.gpu_epochs} epochs",
+                          [*common, "data=mnist", "trainer.batch_size=128",
+                           f"trainer.epochs={args.gpu_epochs}", f"model.norm={norm}",
+                           f"trainer.compile={compile_mode}"], compile_mode,
+                          min(n_mnist // 128, args.gpu_epochs * (n_mnist // 128) // 2)))
     for compile_mode in ("off", "on"):
-        overrides = [*common, "data=cifar10", "model=cnn", "trainer.precision=bf16",
-                     "data.augment=true", "trainer.batch_size=512", "trainer.epochs=1",
-                     f"trainer.compile={compile_mode}"]
-        first = timed_fit(overrides, tmp)[0]
-        fits = [timed_fit(overrides, tmp)[0] for _ in range(args.repeats)]
-        rows.append({"card": card, "what": "CIFAR-10-sized CNN + BN, bf16, channels_last, "
-                     "GPU augmentation, batch 512, 1 epoch", "compile": compile_mode,
-                     "seconds": statistics.median(fits), "first run": first})
+        cases.append(("CIFAR-10-sized CNN + BN, bf16, channels_last, GPU augmentation, "
+                      "batch 512, 1 epoch",
+                      [*common, "data=cifar10", "model=cnn", "trainer.precision=bf16",
+                       "data.augment=true", "trainer.batch_size=512", "trainer.epochs=1",
+                       f"trainer.compile={compile_mode}"], compile_mode,
+                      min(10, n_cifar // 512 // 2)))
+    from torch._dynamo.utils import counters
+
+    for what, overrides, compile_mode, mark in cases:
+        before = _skips(counters)
+        first = timed_fit(overrides, tmp, mark)
+        later = [timed_fit(overrides, tmp, mark) for _ in range(repeats)]
+        skipped = _skips(counters) - before
+        total = later[0][2]["metrics"]["steps"]
+        fit = statistics.median(r[0] for r in later)
+        steady = statistics.median(r[3] * total / (total - mark) for r in later)
+        rows.append({"card": card, "what": what, "compile": compile_mode, "steps": total,
+                     "seconds": fit, "steady seconds": steady,
+                     "steady ms/step": 1000 * steady / total,
+                     "first run s": first[0], "one-off s": first[0] - steady,
+                     "cudagraph skips": skipped if compile_mode == "on" else "-"})
+        if skipped:
+            print(f"inductor counters after {what!r}: {dict(counters['inductor'])}",
+                  flush=True)
+    # The same MLP loop written by hand (resident tensors, no logging), eager: the ceiling of
+    # eager PyTorch on this card, as on the CPU.
+    ds = data.load(compose(["data=mnist", f"data.root={root}"]).data)
+    steps = args.gpu_epochs * (len(ds.y_train) // 128)
+    minimal_loop(ds, "mlp", 128, 50, torch.device("cuda"))  # warm-up
+    sps = statistics.median(minimal_loop(ds, "mlp", 128, steps, torch.device("cuda"))
+                            for _ in range(repeats))
+    rows.append({"card": card, "what": f"minimal hand-written loop, MLP + BN, batch 128, "
+                 f"{args.gpu_epochs} epochs", "compile": "off", "steps": steps,
+                 "seconds": steps * 128 / sps, "steady ms/step": 1000 / (sps / 128)})
     return rows
 
 
@@ -547,6 +623,7 @@ def main() -> None:
     args.steps_mlp, args.steps_cnn = (8, 2) if quick else (300, 40)
     args.steps_result = 10 if quick else 300
     args.steps_vectorized = 6 if quick else 150
+    args.steps_vectorized_gpu = 1000
     args.gpu_epochs = 1 if quick else 10
     logging.disable(logging.INFO)
     os.environ.setdefault("BNEXP_DATA", str(ROOT / "data"))

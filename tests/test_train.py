@@ -131,19 +131,20 @@ def test_sigterm_records_an_interrupted_run_and_exits_143(isolated: Path) -> Non
     assert not (run_dir / "checkpoints" / "final.pt").exists()
 
 
-def _step(forward, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN001, ANN202
+def _step(loss_fn, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN001, ANN202
     model.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(forward(x), y)
+    loss, hits = loss_fn(x, y)
     loss.backward()
-    return (loss.detach(), [p.grad.clone() for p in model.parameters()],
+    return (torch.stack([loss.detach(), hits.double()]),
+            [p.grad.clone() for p in model.parameters()],
             [b.clone() for b in model.buffers()])
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
-    """torch.compile's graph capture of the training forward (AOTAutograd, as on a GPU; the
-    aot_eager backend runs its graphs without generating kernels): same loss, gradients and
-    BN running statistics as the eager step."""
+    """torch.compile's graph capture of the training forward and loss (AOTAutograd, as on a
+    GPU; the aot_eager backend runs its graphs without generating kernels): same loss, hits,
+    gradients and BN running statistics as the eager step."""
     from bnexp import models, train
     from bnexp.config import compose
 
@@ -152,12 +153,12 @@ def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
     eager_model = models.build(cfg.model, (1, 28, 28), 10)
     compiled_model = models.build(cfg.model, (1, 28, 28), 10)
     compiled_model.load_state_dict(eager_model.state_dict())
-    forward = train.compiled_forward(compiled_model, torch.device("cpu"), "on", 10,
-                                     backend="aot_eager")
-    assert forward is not compiled_model
+    cpu = torch.device("cpu")
+    eager = train.loss_function(eager_model, False, False, cpu)
+    compiled = train.loss_function(compiled_model, False, True, cpu, backend="aot_eager")
     x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
     for _ in range(2):  # the second call replays the captured graph
-        e, c = _step(eager_model, eager_model, x, y), _step(forward, compiled_model, x, y)
+        e, c = _step(eager, eager_model, x, y), _step(compiled, compiled_model, x, y)
         assert torch.allclose(e[0], c[0], atol=1e-6)
         for a, b in zip(e[1] + e[2], c[1] + c[2], strict=True):
             assert torch.allclose(a.float(), b.float(), atol=1e-5)
@@ -166,11 +167,12 @@ def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
 def test_compile_auto_stays_eager_on_cpu_and_for_short_runs() -> None:
     from bnexp import train
 
-    model = torch.nn.Linear(2, 2)
-    cpu = torch.device("cpu")
-    assert train.compiled_forward(model, cpu, "auto", 10**6) is model
-    assert train.compiled_forward(model, cpu, "off", 10**6) is model
-    assert train.compiled_forward(model, torch.device("cuda"), "auto", 10) is model
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not train.should_compile(cpu, "auto", 10**6)
+    assert not train.should_compile(cpu, "off", 10**6)
+    assert not train.should_compile(cuda, "auto", 10)
+    assert train.should_compile(cuda, "auto", train.COMPILE_MIN_STEPS)
+    assert train.should_compile(cpu, "on", 10)
 
 
 @pytest.mark.slow

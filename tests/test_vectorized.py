@@ -53,6 +53,7 @@ def test_stack_equals_single_runs_in_float64_and_a_diverging_model_disturbs_none
     for i, (stacked, alone, sdir, adir) in enumerate(found):
         ms, ma = stacked["metrics"], alone["metrics"]
         assert ms["steps"] == ma["steps"]
+        assert 0 < ms["train_seconds"] < ms["wall_seconds"]  # the stack's loop, off-clock out
         assert ms["diverged_at_step"] == ma["diverged_at_step"]
         if stacked["status"] == "diverged":
             continue  # chaotic by then: only where and that it diverged are comparable
@@ -94,6 +95,10 @@ def test_stack_equals_single_runs_for_adam_convnets_and_init(
         assert stacked["status"] == alone["status"] == "completed"
         assert max_difference(final_state(sdir), final_state(adir)) <= 1e-10
         assert stacked["metrics"]["final_val_acc"] == alone["metrics"]["final_val_acc"]
+        # the schedule the stack applied is the one its scheduler records (train/lr)
+        s, a = runs.scalar_series(sdir, "train/lr"), runs.scalar_series(adir, "train/lr")
+        assert s == a and len(s) > 1
+        assert stacked["env"]["vectorized_step"] == "eager"  # no CUDA graph on a CPU
 
 
 def test_checkpoint_of_a_stacked_model_resumes_as_a_single_run(tmp_path: Path) -> None:
