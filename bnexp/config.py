@@ -30,7 +30,7 @@ INITS = ("default", "normal")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16", "fp64")
-COMPILE = ("off", "auto", "on")
+COMPILE = ("off", "auto", "graph", "on")
 PROGRESS = ("auto", "rich", "plain", "none")
 VGG_DEPTHS = (11, 13, 16, 19)
 
@@ -105,8 +105,10 @@ class TrainerConfig:
     # fp32; bf16 = autocast (faster on GPUs, slower on CPUs without bf16 units: see
     # docs/performance.md); fp64 = parameters and inputs in double, for numerical checks.
     precision: str = "fp32"
-    # torch.compile the training forward (CUDA graphs via mode="reduce-overhead" on a GPU).
-    # auto: only on a GPU and for runs long enough to repay the one-off compile time.
+    # How the training step runs. graph: the whole step (forward, backward, update) captured
+    # in one CUDA graph and replayed (GPU only); on: torch.compile of the forward and loss
+    # (inductor; CUDA graphs via mode="reduce-overhead" on a GPU); off: eager. auto: graph on
+    # a GPU, eager on a CPU.
     compile: str = "auto"
     # "auto" or a positive integer; auto picks what measured fastest (see bnexp/device.py).
     threads: str = "auto"

@@ -37,7 +37,9 @@ COMPILE_MIN_STEPS = 2000
 
 
 def should_compile(device: torch.device, setting: str, total_steps: int) -> bool:
-    """trainer.compile: on, off, or auto (on a GPU, for runs long enough to repay it)."""
+    """Whether torch.compile runs the training forward: trainer.compile=on, or auto on a GPU
+    for runs long enough to repay it when the step is not captured whole (see
+    vectorized.capturable)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda"
                                and total_steps >= COMPILE_MIN_STEPS)
 
@@ -82,6 +84,12 @@ def preflight(cfg: DictConfig) -> tuple[torch.device, data.Dataset]:
             f"the training set size of data={cfg.data.name}, {n} samples."
         )
     resume_checkpoint(cfg)  # a bad resume path or a changed config stops here too
+    if cfg.trainer.compile == "graph" and device.type != "cuda":
+        raise ConfigError(
+            f"Invalid value for trainer.compile: graph (device={cfg.device} is {device}). "
+            "Allowed: graph needs a CUDA device (it captures the training step in a CUDA "
+            "graph); on a CPU use auto, on or off."
+        )
     return device, ds
 
 
@@ -559,6 +567,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Trainer:
                       purge_step=ckpt["step"] + 1 if ckpt else None)
     trainer.config_raw = resolved(cfg)
     trainer.env, trainer.target, trainer.resumed = env, target, ckpt is not None
+    env["training_step"] = ("torch.compile" if should_compile(
+        device, cfg.trainer.compile, trainer.total_steps) else "eager")
     if ckpt:
         trainer.restore(ckpt)
         started = time.perf_counter() - ckpt["elapsed"]
@@ -573,6 +583,11 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Trainer:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as configured, record into run_dir and return the summary (also on failure)."""
+    from bnexp import vectorized
+
+    if vectorized.capturable(cfg, resolve_device(cfg.device)):
+        # A stack of one: its step (forward, backward, update) is captured in a CUDA graph.
+        return vectorized.run_group([cfg], [run_dir])[0]
     trainer = prepare(cfg, run_dir)
     status, error, notes = "completed", None, {}
     try:

@@ -15,6 +15,7 @@ alone) and retired: its weights are copied out, its slot is zeroed and no longer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -37,6 +38,13 @@ VECTORIZABLE = ("optim.lr", "optim.momentum", "optim.weight_decay", "optim.beta1
                 "optim.beta2", "seed", "model.init_std")
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, which the single runs use
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph capture
+
+
+def capturable(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether the training step (of a stack, or of a single run as a stack of one) is
+    captured in a CUDA graph: on a GPU, with trainer.compile auto or graph. A vectorized stack
+    also captures it with compile=on (torch.compile does not apply to stacks)."""
+    return device.type == "cuda" and cfg.trainer.compile in ("auto", "graph")
 
 
 def group_key(cfg: DictConfig) -> str:
@@ -105,8 +113,8 @@ class Stack:
         self.active = torch.ones(self.k, dtype=like.dtype, device=like.device)
         self.m = torch.zeros_like(self.flat)
         self.v = torch.zeros_like(self.flat) if self.adam else None
+        self.updates = self.import_optimizer_state()
         self.any_weight_decay = bool(self.weight_decay.any())
-        self.updates = 0
         t0 = trainers[0]
         self.x_train = t0.x_train  # standardized once, shared: the data config is common
         self.y_train = t0.ds.y_train
@@ -115,15 +123,15 @@ class Stack:
         # captured once in a CUDA graph and replayed.
         self.idx = torch.zeros(self.k, t0.t.batch_size, dtype=torch.long, device=self.device)
         self.factor = torch.ones((), dtype=like.dtype, device=self.device)
-        self.count = torch.zeros((), dtype=like.dtype, device=self.device)  # Adam's step t
+        # Adam's step t, a tensor so that a captured step reads it at every replay
+        self.count = torch.full((), float(self.updates), dtype=like.dtype, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.eager_steps = 0
         # Small nets on a GPU spend most of a step launching kernels; a graph launches the
-        # whole step at once. It needs resident (not augmented) inputs: augmentation draws
-        # from each trainer's own generator.
-        self.capture = (self.device.type == "cuda" and self.x_train is not None
-                        and t0.t.compile != "off")
+        # whole step at once.
+        self.capture = self.device.type == "cuda" and (
+            capturable(t0.cfg, self.device) or (self.k > 1 and t0.t.compile == "on"))
 
     # ------------------------------------------------------------------ the step
 
@@ -162,6 +170,9 @@ class Stack:
             return out
         try:
             graph = torch.cuda.CUDAGraph()
+            if self.x_train is None:  # augmentation draws from each trainer's generator
+                for t in self.trainers:
+                    graph.register_generator_state(t.generator)
             with torch.cuda.graph(graph):  # records the step; runs nothing yet
                 self.outputs = self.compute()
         except Exception as exc:  # noqa: BLE001 - any failure: keep training eagerly
@@ -224,6 +235,26 @@ class Stack:
 
     # ------------------------------------------------------------------ bookkeeping
 
+    @torch.no_grad()
+    def import_optimizer_state(self) -> int:
+        """The trainers' optimizer state (a resumed run's, from its checkpoint) into the
+        stack's buffers; the number of updates done so far (0 for a new run)."""
+        updates = 0
+        for k, t in enumerate(self.trainers):
+            state = t.optimizer.state
+            m = self.views(self.m[k : k + 1])
+            v = self.views(self.v[k : k + 1]) if self.adam else m
+            for i, p in enumerate(t.model.parameters()):
+                if p not in state:
+                    continue
+                if self.adam:
+                    m[i][0].copy_(state[p]["exp_avg"])
+                    v[i][0].copy_(state[p]["exp_avg_sq"])
+                    updates = int(state[p]["step"])
+                elif "momentum_buffer" in state[p] and state[p]["momentum_buffer"] is not None:
+                    m[i][0].copy_(state[p]["momentum_buffer"])
+        return updates or self.trainers[0].step
+
     def export_optimizer_state(self, k: int) -> None:
         """Model k's slice of the optimizer state, in torch.optim's format on its trainer's
         own optimizer: its checkpoint then resumes as a single run."""
@@ -268,11 +299,15 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
     t0 = trainers[0]
     t, total = t0.t, t0.total_steps
     live = [True] * stack.k
-    grad_norms = torch.zeros(total, stack.k, device=t0.device)
+    # A resumed run (trained alone: see groups) continues from its checkpoint's step, with
+    # its recorded gradient norms and its open log window.
+    step = t0.step
+    grad_norms = torch.stack([tr.grad_norms for tr in trainers], dim=1)
     for k, tr in enumerate(trainers):
         tr.grad_norms = grad_norms[:, k]
-    loss_sum = torch.zeros(stack.k, device=t0.device, dtype=stack.flat.dtype)
-    correct = torch.zeros(stack.k, device=t0.device, dtype=torch.long)
+    loss_sum = torch.stack([tr.loss_sum for tr in trainers]).to(stack.flat.dtype)
+    correct = torch.stack([tr.correct for tr in trainers])
+    window_steps = t0.window_steps
     factor = train.lr_factor(t0.cfg.optim, total)
     off_clock = 0.0
 
@@ -282,9 +317,10 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
         fn(*args)
         off_clock += time.perf_counter() - start
 
-    for tr in trainers:
-        tr.diagnose()  # the step-0 baseline, before the first window opens
-    window_start, window_steps, step = time.perf_counter(), 0, 0
+    if step == 0:
+        for tr in trainers:
+            tr.diagnose()  # the step-0 baseline, before the first window opens
+    window_start = time.perf_counter()
     batches = Batches(trainers)
     while step < total and any(live):
         losses, hits, norms = stack.step(batches.next(live), factor(step))
@@ -317,8 +353,9 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
                     off(tr.evaluate_and_log, tr.epoch)
             best = max((tr.history.val_acc[-1][1] for k, tr in enumerate(trainers)
                         if live[k] and tr.history.val_acc), default=float("nan"))
-            log.info("bnexp: step %d/%d, %d of %d models training, best val_acc %.4f",
-                     step, total, sum(live), stack.k, best)
+            if stack.k > 1:
+                log.info("bnexp: step %d/%d, %d of %d models training, best val_acc %.4f",
+                         step, total, sum(live), stack.k, best)
         if step % t.diagnostics_every == 0 or last:
             for k in range(stack.k):
                 if live[k]:
@@ -348,8 +385,10 @@ class Batches:
 
     def __init__(self, trainers: list[train.Trainer]):
         self.trainers = trainers
-        self.perms: torch.Tensor | None = None
         self.bs = trainers[0].t.batch_size
+        # a resumed run is inside an epoch already
+        self.perms = (torch.stack([tr.perm for tr in trainers])
+                      if trainers[0].perm is not None else None)
 
     def next(self, live: list[bool]) -> torch.Tensor:
         lead = next(tr for k, tr in enumerate(self.trainers) if live[k])
@@ -400,20 +439,25 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
         tr = train.prepare(cfg, run_dir)
         if trainers:  # one standardized copy of the data for all (the data config is common)
             tr.x_train, tr.x_val = trainers[0].x_train, trainers[0].x_val
-        tr.progress.mode = "none"  # one log line per evaluation for the whole stack instead
-        tr.env["vectorized_models"] = len(cfgs)
+        if len(cfgs) > 1:
+            tr.progress.mode = "none"  # one log line per evaluation for the whole stack instead
+            tr.env["vectorized_models"] = len(cfgs)
         trainers.append(tr)
     threads = choose_threads(str(cfgs[0].trainer.threads), cfgs[0].model.name, len(cfgs))
     torch.set_num_threads(threads)
     for tr in trainers:
         tr.env["threads"] = threads
-    log.info("bnexp: training %d models as one stack (vectorized), threads=%d", len(trainers),
-             threads)
+    if len(trainers) > 1:
+        log.info("bnexp: training %d models as one stack (vectorized), threads=%d",
+                 len(trainers), threads)
     statuses, error, notes = ["completed"] * len(trainers), None, {}
     stack = None
     try:
         stack = Stack(trainers)
-        with train.stop_on_signals() as stop, warnings.catch_warnings():
+        with contextlib.ExitStack() as scope, train.stop_on_signals() as stop, \
+                warnings.catch_warnings():
+            if len(trainers) == 1:  # a single run (see capturable) keeps its progress display
+                scope.enter_context(trainers[0].progress)
             # The trainers' schedulers only count steps (the stack applies the LR itself).
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             fit(stack, stop)
@@ -431,8 +475,8 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
         log.exception("bnexp: vectorized training failed")
         statuses = ["failed"] * len(trainers)
     for tr in trainers:  # how the stack's step ran: captured in a CUDA graph, or eagerly
-        tr.env["vectorized_step"] = ("cuda graph" if stack is not None and stack.graph
-                                     is not None else "eager")
+        tr.env["training_step"] = ("cuda graph" if stack is not None and stack.graph
+                                   is not None else "eager")
     return [train.finish(tr, status, error, notes if status == "interrupted" else {})
             for tr, status in zip(trainers, statuses)]
 

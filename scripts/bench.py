@@ -205,43 +205,55 @@ def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
 
 
 class FitTimer:
-    """Wall time of Trainer.fit (the whole loop: steps, logging, evaluation, diagnostics),
-    without the run's set-up and its final evaluation and files. With `mark`, also the time
-    from the end of step `mark` to the end of fit (steady state: after a compile or capture
-    in the first steps)."""
+    """Wall time of the training loop (Trainer.fit, or a stack's fit for runs whose step is a
+    CUDA graph: the steps, logging, evaluation, diagnostics), without the run's set-up and its
+    final evaluation and files. With `mark`, also the time from the end of step `mark` to the
+    end of the loop (steady state: after a compile or capture in the first steps)."""
 
     def __init__(self, mark: int | None = None) -> None:
+        from bnexp import vectorized
+
         self.seconds, self.after_mark = 0.0, 0.0
         self.mark = mark
-        self.original, self.original_step = train.Trainer.fit, train.Trainer.train_step
+        self.vectorized = vectorized
+        self.originals = (train.Trainer.fit, train.Trainer.train_step, vectorized.fit,
+                          vectorized.Stack.step)
 
     def __enter__(self) -> FitTimer:
-        timer, original, original_step = self, self.original, self.original_step
+        timer = self
+        fit, train_step, stack_fit, stack_step = self.originals
         marked = [0.0]
 
-        def fit(trainer: train.Trainer, stop: train.StopFlag) -> None:
-            start = time.perf_counter()
-            try:
-                original(trainer, stop)
-            finally:
-                end = time.perf_counter()  # fit ends reading the last window: synchronized
-                timer.seconds = end - start
-                timer.after_mark = end - marked[0] if marked[0] else 0.0
+        def timed(loop: Callable) -> Callable:
+            def run(owner: object, stop: train.StopFlag) -> None:
+                start = time.perf_counter()
+                try:
+                    loop(owner, stop)
+                finally:
+                    end = time.perf_counter()  # a loop ends reading its last window: in sync
+                    timer.seconds = end - start
+                    timer.after_mark = end - marked[0] if marked[0] else 0.0
+            return run
 
-        def train_step(trainer: train.Trainer, idx: torch.Tensor) -> tuple:
-            out = original_step(trainer, idx)
-            if trainer.step + 1 == timer.mark:  # fit counts the step after train_step
-                sync(trainer.device)
-                marked[0] = time.perf_counter()
-            return out
+        def mark(step: Callable, done: Callable[[object], int]) -> Callable:
+            def run(owner: object, *args: object) -> object:
+                out = step(owner, *args)
+                if done(owner) == timer.mark:
+                    torch.cuda.synchronize() if torch.cuda.is_available() else None
+                    marked[0] = time.perf_counter()
+                return out
+            return run
 
-        train.Trainer.fit = fit
-        if self.mark:
-            train.Trainer.train_step = train_step
+        train.Trainer.fit = timed(fit)
+        self.vectorized.fit = timed(stack_fit)
+        if self.mark:  # Trainer.fit counts the step after train_step; a stack counts before
+            train.Trainer.train_step = mark(train_step, lambda t: t.step + 1)
+            self.vectorized.Stack.step = mark(stack_step, lambda s: s.updates)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        train.Trainer.fit, train.Trainer.train_step = self.original, self.original_step
+        (train.Trainer.fit, train.Trainer.train_step, self.vectorized.fit,
+         self.vectorized.Stack.step) = self.originals
 
 
 def bnexp_loop(model_name: str, batch_size: int, steps: int, tmp: Path,
@@ -406,7 +418,7 @@ def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespac
         seconds = time.perf_counter() - start
         # the stack's training loop is every model's: its train_seconds are the stack's
         train_seconds["vectorized"].append(summaries[0]["metrics"]["train_seconds"])
-        step_kind["vectorized"] = summaries[0]["env"]["vectorized_step"]
+        step_kind["vectorized"] = summaries[0]["env"]["training_step"]
         return seconds
 
     seconds = interleaved({"sequential": sequential, "vectorized": stacked}, repeats)
@@ -528,11 +540,12 @@ def _skips(counters: dict) -> int:
 
 
 def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
-    """The GPU goals: MNIST-sized MLP +-BN, batch 128, 10 epochs, eager vs compiled (CUDA
-    graphs); CIFAR-10-sized small CNN + BN, bf16, channels_last, augmentation on the GPU, one
-    epoch. Compiling and capturing happen in the first steps of a run: `steady` is the run's
-    time at the rate after its first epoch, `one-off` what the first run of the process cost
-    beyond that (compilation, capture, cuDNN autotuning, CUDA context)."""
+    """The GPU goals: MNIST-sized MLP +-BN, batch 128, 10 epochs, eager vs torch.compile
+    (inductor + CUDA graphs) vs the whole step in one CUDA graph; CIFAR-10-sized small CNN +
+    BN, bf16, channels_last, augmentation on the GPU, one epoch. Compiling and capturing
+    happen in the first steps of a run: `steady` is the run's time at the rate after its
+    first steps, `one-off` what the first run of the process cost beyond that (compilation,
+    capture, cuDNN autotuning, CUDA context)."""
     if not torch.cuda.is_available():
         return [{"what": "GPU", "result": "not measured: no CUDA device on this machine"}]
     root = tmp / "synthetic"
@@ -544,14 +557,14 @@ def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
     common = ["device=cuda", *QUIET, f"data.root={root}", "trainer.eval_every=1000000",
               "trainer.log_every=1000000"]
     cases = []
-    for norm in ("batch", "none"):
-        for compile_mode in ("off", "on"):
+    for norm, modes in (("batch", ("off", "on", "graph")), ("none", ("off", "graph"))):
+        for compile_mode in modes:
             cases.append((f"MNIST-sized MLP norm={norm}, batch 128, {args.gpu_epochs} epochs",
                           [*common, "data=mnist", "trainer.batch_size=128",
                            f"trainer.epochs={args.gpu_epochs}", f"model.norm={norm}",
                            f"trainer.compile={compile_mode}"], compile_mode,
                           min(n_mnist // 128, args.gpu_epochs * (n_mnist // 128) // 2)))
-    for compile_mode in ("off", "on"):
+    for compile_mode in ("off", "on", "graph"):
         cases.append(("CIFAR-10-sized CNN + BN, bf16, channels_last, GPU augmentation, "
                       "batch 512, 1 epoch",
                       [*common, "data=cifar10", "model=cnn", "trainer.precision=bf16",

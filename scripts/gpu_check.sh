@@ -16,5 +16,5 @@ $python -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 torch.cuda.get_device_name())" 2>&1 | tee -a "$out/card.txt"
 timeout "${TEST_TIMEOUT:-220}" $python -m pytest -m gpu -s -q -p no:cacheprovider \
   tests/test_cuda.py 2>&1 | tee "$out/tests.txt"
-timeout "${BENCH_TIMEOUT:-330}" $python scripts/bench.py --only gpu vectorized \
+timeout "${BENCH_TIMEOUT:-330}" $python scripts/bench.py --only ${SECTIONS:-gpu vectorized} \
   --repeats "${REPEATS:-2}" --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"

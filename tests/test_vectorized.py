@@ -98,7 +98,7 @@ def test_stack_equals_single_runs_for_adam_convnets_and_init(
         # the schedule the stack applied is the one its scheduler records (train/lr)
         s, a = runs.scalar_series(sdir, "train/lr"), runs.scalar_series(adir, "train/lr")
         assert s == a and len(s) > 1
-        assert stacked["env"]["vectorized_step"] == "eager"  # no CUDA graph on a CPU
+        assert stacked["env"]["training_step"] == "eager"  # no CUDA graph on a CPU
 
 
 def test_checkpoint_of_a_stacked_model_resumes_as_a_single_run(tmp_path: Path) -> None:
@@ -115,6 +115,40 @@ def test_checkpoint_of_a_stacked_model_resumes_as_a_single_run(tmp_path: Path) -
     summary = train.run(resumed, dirs[1])
     assert summary["status"] == "completed" and summary["metrics"]["steps"] == 20
     assert max_difference(final_state(dirs[1]), stacked_final) <= 1e-10
+
+
+@pytest.mark.parametrize("optim", [["optim.momentum=0.9"], ["optim=adam", "optim.lr=0.003"]],
+                         ids=["sgd-momentum", "adam"])
+def test_a_stack_of_one_resumes_from_its_checkpoint_where_it_left_off(
+        tmp_path: Path, optim: list[str]) -> None:
+    """On a GPU a single run trains as a stack of one (its step in a CUDA graph), so a stack
+    resumes too: from the step-10 checkpoint, with the optimizer state, data order, schedule
+    and log window it saved, it ends where the uninterrupted stack ended."""
+    common = [*F64, *optim, "trainer.steps=20", "trainer.checkpoint_every=10",
+              "optim.schedule=cosine", "trainer.log_every=3", "data.normalize=false"]
+    [whole] = vectorized.run_group([compose(common)], [tmp_path / "whole"])
+    [cut] = vectorized.run_group([compose(common)], [tmp_path / "cut"])
+    assert whole["status"] == cut["status"] == "completed"
+    assert record.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 10
+    [resumed] = vectorized.run_group([compose([*common, f"resume={tmp_path / 'cut'}"])],
+                                     [tmp_path / "cut"])
+    assert resumed["status"] == "completed" and resumed["metrics"]["steps"] == 20
+    assert max_difference(final_state(tmp_path / "cut"), final_state(tmp_path / "whole")) \
+        <= 1e-12
+    for tag in ("train/loss", "train/lr", "val/acc"):
+        a, b = runs.scalar_series(tmp_path / "cut", tag), runs.scalar_series(tmp_path / "whole",
+                                                                             tag)
+        assert [x[0] for x in a] == [x[0] for x in b], tag  # no step twice, none missing
+        assert [x[1] for x in a] == pytest.approx([x[1] for x in b], rel=1e-6), tag
+    for key in ("grad_norm_max", "train_loss_auc", "final_val_loss"):
+        assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-9), key
+
+
+def test_compile_graph_needs_a_gpu(isolated: Path) -> None:
+    result = runner.invoke(app, ["train", "device=cpu", "trainer.compile=graph"])
+    assert result.exit_code == 2
+    assert "trainer.compile" in result.output and "CUDA" in result.output
+    assert not (isolated / "outputs").exists() or not any((isolated / "outputs").rglob("*.json"))
 
 
 def test_groups_stack_only_what_differs_in_per_model_scalars() -> None:
