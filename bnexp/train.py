@@ -90,6 +90,12 @@ def preflight(cfg: DictConfig) -> tuple[torch.device, data.Dataset]:
             "Allowed: graph needs a CUDA device (it captures the training step in a CUDA "
             "graph); on a CPU use auto, on or off."
         )
+    if cfg.trainer.compile == "graph" and cfg.trainer.precision == "bf16":
+        raise ConfigError(
+            "Invalid value for trainer.compile: graph with trainer.precision=bf16. Allowed: "
+            "auto, on or off with bf16 (the captured step runs through vmap, whose batch-norm "
+            "backward rejects bf16 activations on a GPU); or graph with fp32 or fp64."
+        )
     return device, ds
 
 

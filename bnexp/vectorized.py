@@ -40,11 +40,19 @@ ADAM_EPS = 1e-8  # torch.optim.Adam's default, which the single runs use
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph capture
 
 
+def stackable(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether a run can train inside a stack. Not bf16 on a GPU: there, vmap's batch-norm
+    backward rejects bf16 activations with float32 running statistics (seen on an H100 with
+    torch 2.11, docs/performance.md); such runs train alone (eager or torch.compile)."""
+    return not (device.type == "cuda" and cfg.trainer.precision == "bf16")
+
+
 def capturable(cfg: DictConfig, device: torch.device) -> bool:
     """Whether the training step (of a stack, or of a single run as a stack of one) is
     captured in a CUDA graph: on a GPU, with trainer.compile auto or graph. A vectorized stack
     also captures it with compile=on (torch.compile does not apply to stacks)."""
-    return device.type == "cuda" and cfg.trainer.compile in ("auto", "graph")
+    return (device.type == "cuda" and cfg.trainer.compile in ("auto", "graph")
+            and stackable(cfg, device))
 
 
 def group_key(cfg: DictConfig) -> str:
@@ -58,10 +66,13 @@ def group_key(cfg: DictConfig) -> str:
 
 def groups(cfgs: Sequence[DictConfig]) -> list[list[int]]:
     """Indices of cfgs, grouped by group_key, in first-seen order. A run being resumed trains
-    alone: its state lives in its own checkpoint."""
+    alone (its state lives in its own checkpoint), and so does one that cannot be stacked."""
+    from bnexp.device import resolve_device
+
     found: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        key = f"resume:{i}" if cfg.resume else group_key(cfg)
+        alone = cfg.resume or not stackable(cfg, resolve_device(cfg.device))
+        key = f"alone:{i}" if alone else group_key(cfg)
         found.setdefault(key, []).append(i)
     return list(found.values())
 

@@ -564,7 +564,7 @@ def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
                            f"trainer.epochs={args.gpu_epochs}", f"model.norm={norm}",
                            f"trainer.compile={compile_mode}"], compile_mode,
                           min(n_mnist // 128, args.gpu_epochs * (n_mnist // 128) // 2)))
-    for compile_mode in ("off", "on", "graph"):
+    for compile_mode in ("off", "on"):  # (graph: not with bf16, see vectorized.stackable)
         cases.append(("CIFAR-10-sized CNN + BN, bf16, channels_last, GPU augmentation, "
                       "batch 512, 1 epoch",
                       [*common, "data=cifar10", "model=cnn", "trainer.precision=bf16",
