@@ -144,6 +144,25 @@ def test_a_stack_of_one_resumes_from_its_checkpoint_where_it_left_off(
         assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-9), key
 
 
+@pytest.mark.parametrize("model", [["model=vgg", "model.depth=11", "model.width=8"],
+                                   ["model=resnet", "model.depth=20", "model.width=8"]],
+                         ids=["vgg", "resnet"])
+def test_vgg_and_resnet_train_in_a_stack_as_alone(tmp_path: Path, model: list[str]) -> None:
+    """On a GPU every single run trains as a stack of one: the CIFAR nets too."""
+    from conftest import make_cifar10
+
+    make_cifar10(tmp_path / "data", per_batch=8)
+    common = ["device=cpu", "data=cifar10", f"data.root={tmp_path / 'data'}", *model,
+              "trainer.steps=3", "trainer.batch_size=8", "trainer.progress=none",
+              "trainer.precision=fp64", "data.augment=false", "trainer.eval_every=3",
+              "trainer.diagnostics=false"]
+    [stacked] = vectorized.run_group([compose(common)], [tmp_path / "stacked"])
+    alone = train.run(compose(common), tmp_path / "alone")
+    assert stacked["status"] == alone["status"] == "completed"
+    assert max_difference(final_state(tmp_path / "stacked"), final_state(tmp_path / "alone")) \
+        <= 1e-10
+
+
 def test_compile_graph_needs_a_gpu(isolated: Path) -> None:
     result = runner.invoke(app, ["train", "device=cpu", "trainer.compile=graph"])
     assert result.exit_code == 2
