@@ -67,11 +67,16 @@ def group_key(cfg: DictConfig) -> str:
 def groups(cfgs: Sequence[DictConfig]) -> list[list[int]]:
     """Indices of cfgs, grouped by group_key, in first-seen order. A run being resumed trains
     alone (its state lives in its own checkpoint), and so does one that cannot be stacked."""
+    from bnexp.config import ConfigError
     from bnexp.device import resolve_device
 
     found: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        alone = cfg.resume or not stackable(cfg, resolve_device(cfg.device))
+        try:
+            device = resolve_device(cfg.device)
+        except ConfigError:  # (e.g. cuda without a GPU) the run itself reports it
+            device = None
+        alone = cfg.resume or device is None or not stackable(cfg, device)
         key = f"alone:{i}" if alone else group_key(cfg)
         found.setdefault(key, []).append(i)
     return list(found.values())

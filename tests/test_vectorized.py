@@ -178,6 +178,9 @@ def test_groups_stack_only_what_differs_in_per_model_scalars() -> None:
     assert vectorized.groups(cfgs) == [[0, 1, 4, 5], [2], [3]]
     resumed = compose(["resume=/somewhere"])
     assert vectorized.groups([cfgs[0], resumed, cfgs[1]]) == [[0, 2], [1]]
+    if not torch.cuda.is_available():  # a device that is not there: the run reports it alone
+        missing = compose(["device=cuda"])
+        assert vectorized.groups([cfgs[0], missing, cfgs[1]]) == [[0, 2], [1]]
 
 
 def test_sweep_vectorize_gives_every_job_its_own_run(isolated: Path) -> None:
