@@ -11,6 +11,11 @@ checkpoints and summary.json. Its nn.Module's parameters and buffers are views i
 tensors, so evaluation, diagnostics, checkpoints and the summary are the single-run code itself;
 only the training step differs. A model that diverges is recorded as diverged (as if it had run
 alone) and retired: its weights are copied out, its slot is zeroed and no longer updated.
+
+The stack's step reads its inputs from fixed tensors, so on a GPU it is captured once in a CUDA
+graph (forward, backward, gradient norm and update together) and replayed: small nets there are
+bound by kernel launches, not arithmetic. That is also how a single GPU run trains by default
+(`trainer.compile=auto|graph`): as a stack of one (`capturable`, called from `train.run`).
 """
 
 from __future__ import annotations
