@@ -208,11 +208,11 @@ class Trainer:
         self.channels_last = device.type == "cuda" and cfg.model.name != "mlp"
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        compiled = should_compile(device, self.t.compile, self.total_steps)
-        self.loss_and_hits = loss_function(model, self.autocast, compiled, device)
+        self.compiled = should_compile(device, self.t.compile, self.total_steps)
+        self.loss_and_hits = loss_function(model, self.autocast, self.compiled, device)
         # CUDA graphs reuse their output memory: mark each step's start so that a replay never
         # overwrites tensors the previous step still holds.
-        self.graphed = compiled and device.type == "cuda"
+        self.graphed = self.compiled and device.type == "cuda"
         self.activation = str(cfg.model.activation)
         self.params = list(model.parameters())
         self.run_dir, self.config = run_dir, config
@@ -573,8 +573,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Trainer:
                       purge_step=ckpt["step"] + 1 if ckpt else None)
     trainer.config_raw = resolved(cfg)
     trainer.env, trainer.target, trainer.resumed = env, target, ckpt is not None
-    env["training_step"] = ("torch.compile" if should_compile(
-        device, cfg.trainer.compile, trainer.total_steps) else "eager")
+    env["training_step"] = "torch.compile" if trainer.compiled else "eager"
     if ckpt:
         trainer.restore(ckpt)
         started = time.perf_counter() - ckpt["elapsed"]
