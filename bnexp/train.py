@@ -260,11 +260,15 @@ class Trainer:
         self.scheduler.step()
         return loss.detach(), hits
 
+    def epoch_used_up(self) -> bool:
+        """Whether the next batch starts a new epoch (none yet, or no full batch left)."""
+        return self.perm is None or (self.pos + 1) * self.t.batch_size > len(self.perm)
+
     def next_batch(self) -> torch.Tensor:
         """Indices of the next batch; a new shuffled epoch when the current one is used up
         (its last partial batch is dropped: a BN batch of one or two samples is meaningless)."""
         bs = self.t.batch_size
-        if self.perm is None or (self.pos + 1) * bs > len(self.perm):
+        if self.epoch_used_up():
             self.epoch += 1
             self.perm = torch.randperm(len(self.ds.y_train), generator=self.generator,
                                        device=self.device)

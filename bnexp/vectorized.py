@@ -413,7 +413,7 @@ class Batches:
 
     def next(self, live: list[bool]) -> torch.Tensor:
         lead = next(tr for k, tr in enumerate(self.trainers) if live[k])
-        if lead.perm is None or (lead.pos + 1) * self.bs > len(lead.perm):
+        if lead.epoch_used_up():
             for k, tr in enumerate(self.trainers):
                 if live[k]:
                     tr.next_batch()  # draws its new permutation

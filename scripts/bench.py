@@ -239,7 +239,8 @@ class FitTimer:
             def run(owner: object, *args: object) -> object:
                 out = step(owner, *args)
                 if done(owner) == timer.mark:
-                    torch.cuda.synchronize() if torch.cuda.is_available() else None
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
                     marked[0] = time.perf_counter()
                 return out
             return run
