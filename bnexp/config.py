@@ -105,10 +105,9 @@ class TrainerConfig:
     # fp32; bf16 = autocast (faster on GPUs, slower on CPUs without bf16 units: see
     # docs/performance.md); fp64 = parameters and inputs in double, for numerical checks.
     precision: str = "fp32"
-    # How the training step runs. graph: the whole step (forward, backward, update) captured
-    # in one CUDA graph and replayed (GPU only); on: torch.compile of the forward and loss
-    # (inductor; CUDA graphs via mode="reduce-overhead" on a GPU); off: eager. auto: graph on
-    # a GPU, eager on a CPU.
+    # How the training step runs. graph: whole runs of steps (forward, backward, update)
+    # captured in CUDA graphs and replayed (GPU only); on: torch.compile of the forward (on a
+    # GPU, inside the captured graph); off: eager. auto: graph on a GPU, eager on a CPU.
     compile: str = "auto"
     # "auto" or a positive integer; auto picks what measured fastest (see bnexp/device.py).
     threads: str = "auto"

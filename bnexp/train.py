@@ -30,18 +30,12 @@ from bnexp.device import choose_threads, environment, resolve_device, seed_every
 
 log = logging.getLogger("bnexp")
 RESIDENT_FLOAT_BYTES = 2**31  # a standardized float copy of the training set up to this size
-# trainer.compile=auto compiles from this many steps on (GPU only): compiling costs seconds up
-# front (docs/performance.md), which short runs never repay. CPU runs stay eager: there the
-# compile took longer than the whole default run.
-COMPILE_MIN_STEPS = 2000
-
-
-def should_compile(device: torch.device, setting: str, total_steps: int) -> bool:
-    """Whether torch.compile runs the training forward: trainer.compile=on, or auto on a GPU
-    for runs long enough to repay it when the step is not captured whole (see
-    vectorized.capturable)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda"
-                               and total_steps >= COMPILE_MIN_STEPS)
+def should_compile(device: torch.device, setting: str) -> bool:
+    """Whether the Trainer's own forward runs through torch.compile: trainer.compile=on on a
+    CPU. (On a GPU, every setting but off trains as a stack of one, whose captured step
+    compiles with on: see vectorized.capturable.) auto stays eager on a CPU: there the
+    compile took longer than the whole default run (docs/performance.md)."""
+    return setting == "on" and device.type != "cuda"
 
 
 def loss_and_hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -53,7 +47,7 @@ def loss_and_hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return loss, (logits.detach().argmax(1) == y).sum()
 
 
-def loss_function(model: nn.Module, autocast: bool, compiled: bool, device: torch.device,
+def loss_function(model: nn.Module, autocast: bool, compiled: bool,
                   backend: str = "inductor") -> Callable[[torch.Tensor, torch.Tensor],
                                                          tuple[torch.Tensor, torch.Tensor]]:
     """loss_and_hits on the model, eager or torch.compile'd. Compiled, the forward, the loss
@@ -62,12 +56,7 @@ def loss_function(model: nn.Module, autocast: bool, compiled: bool, device: torc
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return loss_and_hits(model, x, y, autocast)
 
-    if not compiled:
-        return step
-    # reduce-overhead captures the step's kernels in CUDA graphs and replays them: on small
-    # nets the GPU otherwise idles between kernel launches.
-    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-    return torch.compile(step, mode=mode, backend=backend)
+    return torch.compile(step, backend=backend) if compiled else step
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -89,12 +78,6 @@ def preflight(cfg: DictConfig) -> tuple[torch.device, data.Dataset]:
             f"Invalid value for trainer.compile: graph (device={cfg.device} is {device}). "
             "Allowed: graph needs a CUDA device (it captures the training step in a CUDA "
             "graph); on a CPU use auto, on or off."
-        )
-    if cfg.trainer.compile == "graph" and cfg.trainer.precision == "bf16":
-        raise ConfigError(
-            "Invalid value for trainer.compile: graph with trainer.precision=bf16. Allowed: "
-            "auto, on or off with bf16 (the captured step runs through vmap, whose batch-norm "
-            "backward rejects bf16 activations on a GPU); or graph with fp32 or fp64."
         )
     return device, ds
 
@@ -208,11 +191,8 @@ class Trainer:
         self.channels_last = device.type == "cuda" and cfg.model.name != "mlp"
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.compiled = should_compile(device, self.t.compile, self.total_steps)
-        self.loss_and_hits = loss_function(model, self.autocast, self.compiled, device)
-        # CUDA graphs reuse their output memory: mark each step's start so that a replay never
-        # overwrites tensors the previous step still holds.
-        self.graphed = self.compiled and device.type == "cuda"
+        self.compiled = should_compile(device, self.t.compile)
+        self.loss_and_hits = loss_function(model, self.autocast, self.compiled)
         self.activation = str(cfg.model.activation)
         self.params = list(model.parameters())
         self.run_dir, self.config = run_dir, config
@@ -247,8 +227,6 @@ class Trainer:
 
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch(idx), self.ds.y_train.index_select(0, idx)
-        if self.graphed:
-            torch.compiler.cudagraph_mark_step_begin()
         loss, hits = self.loss_and_hits(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -264,15 +242,19 @@ class Trainer:
         """Whether the next batch starts a new epoch (none yet, or no full batch left)."""
         return self.perm is None or (self.pos + 1) * self.t.batch_size > len(self.perm)
 
+    def new_epoch(self) -> None:
+        """A new shuffled order of the training set (its last partial batch is dropped: a BN
+        batch of one or two samples is meaningless)."""
+        self.epoch += 1
+        self.perm = torch.randperm(len(self.ds.y_train), generator=self.generator,
+                                   device=self.device)
+        self.pos = 0
+
     def next_batch(self) -> torch.Tensor:
-        """Indices of the next batch; a new shuffled epoch when the current one is used up
-        (its last partial batch is dropped: a BN batch of one or two samples is meaningless)."""
+        """Indices of the next batch; a new epoch when the current one is used up."""
         bs = self.t.batch_size
         if self.epoch_used_up():
-            self.epoch += 1
-            self.perm = torch.randperm(len(self.ds.y_train), generator=self.generator,
-                                       device=self.device)
-            self.pos = 0
+            self.new_epoch()
         self.pos += 1
         return self.perm[(self.pos - 1) * bs : self.pos * bs]
 

@@ -12,10 +12,13 @@ tensors, so evaluation, diagnostics, checkpoints and the summary are the single-
 only the training step differs. A model that diverges is recorded as diverged (as if it had run
 alone) and retired: its weights are copied out, its slot is zeroed and no longer updated.
 
-The stack's step reads its inputs from fixed tensors, so on a GPU it is captured once in a CUDA
-graph (forward, backward, gradient norm and update together) and replayed: small nets there are
-bound by kernel launches, not arithmetic. That is also how a single GPU run trains by default
-(`trainer.compile=auto|graph`): as a stack of one (`capturable`, called from `train.run`).
+The step reads and advances its own loop state on the device (batch position, step count, the
+LR schedule as a table, the log window's sums, the gradient-norm record), so the host does
+nothing between steps but launch them. On a GPU a run of steps is captured once in a CUDA graph
+(forward, backward, gradient norm and update, several steps unrolled) and replayed: small nets
+there are bound by kernel launches and host overhead, not arithmetic. That is also how a single
+GPU run trains by default (`trainer.compile=auto|graph`): as a stack of one (`capturable`,
+called from `train.run`), which calls the model directly rather than through vmap.
 """
 
 from __future__ import annotations
@@ -43,21 +46,41 @@ VECTORIZABLE = ("optim.lr", "optim.momentum", "optim.weight_decay", "optim.beta1
                 "optim.beta2", "seed", "model.init_std")
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, which the single runs use
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph capture
+# Steps unrolled into one CUDA graph: one replay then launches them all, so the host's own
+# per-step cost (~0.2 ms on the H100 machine measured) is paid once per GRAPH_STEPS.
+GRAPH_STEPS = 16
 
 
 def stackable(cfg: DictConfig, device: torch.device) -> bool:
-    """Whether a run can train inside a stack. Not bf16 on a GPU: there, vmap's batch-norm
-    backward rejects bf16 activations with float32 running statistics (seen on an H100 with
-    torch 2.11, docs/performance.md); such runs train alone (eager or torch.compile)."""
+    """Whether a run can share a stack with others. Not bf16 on a GPU: there, vmap's
+    batch-norm backward rejects bf16 activations with float32 running statistics (seen on an
+    H100 with torch 2.11, docs/performance.md); such runs train alone (a stack of one needs
+    no vmap)."""
     return not (device.type == "cuda" and cfg.trainer.precision == "bf16")
 
 
 def capturable(cfg: DictConfig, device: torch.device) -> bool:
-    """Whether the training step (of a stack, or of a single run as a stack of one) is
-    captured in a CUDA graph: on a GPU, with trainer.compile auto or graph. A vectorized stack
-    also captures it with compile=on (torch.compile does not apply to stacks)."""
-    return (device.type == "cuda" and cfg.trainer.compile in ("auto", "graph")
-            and stackable(cfg, device))
+    """Whether a single run's step is captured in a CUDA graph (it then trains as a stack of
+    one): on a GPU, unless trainer.compile=off. With compile=on the graph replays
+    torch.compile's kernels; a vectorized stack captures its step uncompiled."""
+    return device.type == "cuda" and cfg.trainer.compile != "off"
+
+
+def graph_steps(log_every: int) -> int:
+    """Steps per CUDA graph: the largest divisor of the log cadence up to GRAPH_STEPS, so
+    that the runs of steps between log windows are whole graphs."""
+    return max(n for n in range(1, GRAPH_STEPS + 1) if log_every % n == 0)
+
+
+def steps_to_event(step: int, total: int, t: object, epoch_left: int) -> int:
+    """Steps from `step` to the next one after which the loop has something to do: a log
+    window, evaluation, diagnostics, probe, checkpoint, an epoch's end or the last step."""
+    n = min(total - step, epoch_left)
+    for every in (t.log_every, t.eval_every, t.diagnostics_every if t.diagnostics else 0,
+                  t.probe_every, t.checkpoint_every):
+        if every:
+            n = min(n, every - step % every)
+    return n
 
 
 def group_key(cfg: DictConfig) -> str:
@@ -98,17 +121,21 @@ class Stack:
         self.trainers = trainers
         self.k = len(trainers)
         models = [t.model for t in trainers]
+        t0 = trainers[0]
         self.names = [n for n, _ in models[0].named_parameters()]
         self.buffer_names = [n for n, _ in models[0].named_buffers()]
         # All parameters of a model in one row of a K x N matrix: the optimizer then updates
         # every model in a few passes over one tensor, not per parameter and per model.
         first = dict(models[0].named_parameters())
         self.shapes = [first[n].shape for n in self.names]
+        # Conv weights of channels_last models are laid out channels-last inside the row too,
+        # so that their views keep the layout cuDNN's fast kernels want.
+        self.last = [t0.channels_last and len(shape) == 4 for shape in self.shapes]
         sizes = [first[n].numel() for n in self.names]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         with torch.no_grad():
-            self.flat = torch.stack([torch.cat([p.reshape(-1) for p in m.parameters()])
-                                     for m in models]).requires_grad_()
+            self.flat = torch.stack([self.row(list(m.parameters())) for m in models]
+                                    ).requires_grad_()
             self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models])
                             for n in self.buffer_names}
         for k, m in enumerate(models):  # each model now reads and writes its slice
@@ -121,7 +148,18 @@ class Stack:
         def forward(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(self.base, (params, buffers), (x,))
 
-        self.forward = torch.func.vmap(forward)
+        def alone(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+            # A stack of one calls its model directly: fewer kernels than vmap's batching
+            # rules, and batch norm's bf16 kernels (which vmap rejects on a GPU).
+            return forward({n: p[0] for n, p in params.items()},
+                           {n: b[0] for n, b in buffers.items()}, x[0])[None]
+
+        self.forward = alone if self.k == 1 else torch.func.vmap(forward)
+        # trainer.compile=on: torch.compile fuses the forward's kernels, and so its backward's
+        # (inside the captured graph on a GPU). Stacks of several models stay uncompiled.
+        self.compiled = self.k == 1 and t0.t.compile == "on"
+        if self.compiled:
+            self.forward = torch.compile(alone)
         o = [t.cfg.optim for t in trainers]
         like = self.flat
         self.adam = o[0].name == "adam"
@@ -136,80 +174,125 @@ class Stack:
         self.v = torch.zeros_like(self.flat) if self.adam else None
         self.updates = self.import_optimizer_state()
         self.any_weight_decay = bool(self.weight_decay.any())
-        t0 = trainers[0]
         self.x_train = t0.x_train  # standardized once, shared: the data config is common
         self.y_train = t0.ds.y_train
         self.autocast, self.device = t0.autocast, t0.device
-        # The step reads its inputs from these fixed tensors, so that on a GPU it can be
-        # captured once in a CUDA graph and replayed.
-        self.idx = torch.zeros(self.k, t0.t.batch_size, dtype=torch.long, device=self.device)
-        self.factor = torch.ones((), dtype=like.dtype, device=self.device)
+        self.grad = torch.zeros_like(self.flat, requires_grad=False)  # the last step's
+        # The loop state the step reads and advances itself, in tensors at fixed addresses:
+        # a captured step reads them at every replay, and the host need not touch them
+        # between steps. The trainers' own step, epoch and position follow on the host.
+        dev, total = self.device, t0.total_steps
+        self.perms = torch.zeros(self.k, t0.steps_per_epoch, t0.t.batch_size,
+                                 dtype=torch.long, device=dev)
+        self.position = torch.full((1,), t0.pos, dtype=torch.long, device=dev)
+        self.step_count = torch.full((1,), t0.step, dtype=torch.long, device=dev)
+        factor = train.lr_factor(t0.cfg.optim, total)
+        self.lr_factors = torch.tensor([factor(s) for s in range(total)], dtype=like.dtype,
+                                       device=dev)
         # Adam's step t, a tensor so that a captured step reads it at every replay
-        self.count = torch.full((), float(self.updates), dtype=like.dtype, device=self.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.count = torch.full((), float(self.updates), dtype=like.dtype, device=dev)
+        if t0.perm is not None:  # a resumed run is inside an epoch already
+            self.set_perms([tr.perm for tr in trainers], t0.pos)
+        # The log window's sums and the per-step gradient norms; each trainer's own are views.
+        self.grad_norms = torch.stack([tr.grad_norms for tr in trainers], dim=1)
+        self.loss_sum = torch.stack([tr.loss_sum for tr in trainers]).to(like.dtype)
+        self.correct = torch.stack([tr.correct for tr in trainers])
+        for k, tr in enumerate(trainers):
+            tr.grad_norms = self.grad_norms[:, k]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.eager_steps = 0
-        # Small nets on a GPU spend most of a step launching kernels; a graph launches the
-        # whole step at once.
-        self.capture = self.device.type == "cuda" and (
-            capturable(t0.cfg, self.device) or (self.k > 1 and t0.t.compile == "on"))
+        # Small nets on a GPU spend most of a step launching kernels; a graph launches whole
+        # runs of steps at once.
+        self.capture = capturable(t0.cfg, self.device)
+        self.graph_steps = graph_steps(t0.t.log_every)
 
     # ------------------------------------------------------------------ the step
 
+    def row(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """One model's parameters as one row of the flat matrix (see views)."""
+        return torch.cat([(p.permute(0, 2, 3, 1) if last else p).reshape(-1)
+                          for p, last in zip(params, self.last)])
+
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The K-stacked parameter tensors inside rows of flat (K x N)."""
-        return [flat[:, a:b].view(-1, *shape) for a, b, shape
-                in zip(self.offsets, self.offsets[1:], self.shapes)]
+        out = []
+        for a, b, shape, last in zip(self.offsets, self.offsets[1:], self.shapes, self.last):
+            if last:
+                o, c, h, w = shape
+                out.append(flat[:, a:b].view(-1, o, h, w, c).permute(0, 1, 4, 2, 3))
+            else:
+                out.append(flat[:, a:b].view(-1, *shape))
+        return out
+
+    def set_perms(self, perms: list[torch.Tensor], position: int) -> None:
+        """The epoch's data order for every model (its batches as rows), and the position of
+        the next batch in it."""
+        n = self.perms.shape[1] * self.perms.shape[2]  # the partial last batch is dropped
+        self.perms.copy_(torch.stack([p[:n] for p in perms]).view_as(self.perms))
+        self.position.fill_(position)
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.k == 1:  # the trainer's own batch, in its layout (channels_last on a GPU)
+            return self.trainers[0].batch(idx[0])[None]
         if self.x_train is not None:
             flat = self.x_train.index_select(0, idx.flatten())
             return flat.view(*idx.shape, *flat.shape[1:])
         return torch.stack([t.batch(i) for t, i in zip(self.trainers, idx)])
 
-    def step(self, idx: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                torch.Tensor]:
-        """One step of every model on its own batch (idx: K x B). Returns per-model mean loss,
-        correct predictions and global gradient norm, all on the device; they are overwritten
-        by the next step."""
-        self.idx.copy_(idx)
-        self.factor.fill_(factor)
-        self.updates += 1
-        if self.graph is not None:
-            self.graph.replay()
-            return self.outputs
-        if not self.capture:
-            return self.compute()
-        if self.eager_steps < GRAPH_WARMUP_STEPS:
-            # Real steps, run on a side stream before the capture (as CUDA graphs require).
-            self.eager_steps += 1
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                out = self.compute()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return out
-        try:
-            graph = torch.cuda.CUDAGraph()
-            if self.x_train is None:  # augmentation draws from each trainer's generator
-                for t in self.trainers:
-                    graph.register_generator_state(t.generator)
-            with torch.cuda.graph(graph):  # records the step; runs nothing yet
-                self.outputs = self.compute()
-        except Exception as exc:  # noqa: BLE001 - any failure: keep training eagerly
-            log.warning("bnexp: CUDA graph capture of the vectorized step failed (%s: %s); "
-                        "the stack runs eagerly", type(exc).__name__, exc)
-            self.capture, self.outputs = False, None
-            torch.cuda.synchronize(self.device)
-            return self.compute()
-        self.graph = graph
-        graph.replay()
-        return self.outputs
+    def steps(self, n: int) -> None:
+        """n steps of every model, each on its own next batch. Their losses, correct
+        predictions and gradient norms accumulate on the device (loss_sum, correct,
+        grad_norms); nothing is read back."""
+        while n > 0:
+            done = self.replay(n) if self.capture else 0
+            if not done:
+                self.eager_step()
+                done = 1
+            n -= done
+            self.updates += done
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step itself, on self.idx and self.factor: forward and backward of every model,
-        then the update."""
-        idx = self.idx
+    def eager_step(self) -> None:
+        if not self.capture:
+            self.compute()
+            return
+        # Real steps, run on a side stream before the capture (as CUDA graphs require).
+        self.eager_steps += 1
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.compute()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def replay(self, n: int) -> int:
+        """Replay a captured run of up to n steps (captured on first use); the number of
+        steps done, 0 while warming up or if the capture failed."""
+        if self.eager_steps < GRAPH_WARMUP_STEPS:
+            return 0
+        length = self.graph_steps if n >= self.graph_steps else 1
+        graph = self.graphs.get(length)
+        if graph is None:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                if self.x_train is None:  # augmentation draws from each trainer's generator
+                    for t in self.trainers:
+                        graph.register_generator_state(t.generator)
+                with torch.cuda.graph(graph):  # records the steps; runs nothing yet
+                    for _ in range(length):
+                        self.compute()
+            except Exception as exc:  # noqa: BLE001 - any failure: keep training eagerly
+                log.warning("bnexp: CUDA graph capture of the training step failed (%s: %s);"
+                            " it runs eagerly", type(exc).__name__, exc)
+                self.capture = False
+                torch.cuda.synchronize(self.device)
+                return 0
+            self.graphs[length] = graph
+        graph.replay()
+        return length
+
+    def compute(self) -> None:
+        """One step, reading and advancing the loop state on the device: forward and
+        backward of every model on its next batch, then the update, then the records."""
+        idx = self.perms.index_select(1, self.position).squeeze(1)  # K x B
         x = self.batch(idx)
         y = self.y_train.index_select(0, idx.flatten())
         # No autocast weight cache: a CUDA graph must not keep tensors cast outside it.
@@ -225,12 +308,19 @@ class Stack:
         # Gradients of the views, then one concatenation: asking for the flat tensor's own
         # gradient would make autograd zero-fill and add a K x N tensor per parameter.
         grads = torch.autograd.grad(losses.sum(), list(params.values()))
-        grad = torch.cat([g.reshape(self.k, -1) for g in grads], dim=1)
-        self.grad = grad
-        norms = torch.linalg.vector_norm(grad, dim=1)
-        self.update(grad, (self.base_lr * self.factor * self.active)[:, None])
-        hits = (logits.detach().argmax(-1) == y.view(idx.shape)).sum(1)
-        return losses.detach(), hits, norms
+        with torch.no_grad():
+            grad = torch.cat([(g.permute(0, 1, 3, 4, 2) if last else g).reshape(self.k, -1)
+                              for g, last in zip(grads, self.last)], dim=1, out=self.grad)
+            norms = torch.linalg.vector_norm(grad, dim=1)
+            factor = self.lr_factors.index_select(0, self.step_count)
+            self.update(grad, (self.base_lr * factor * self.active)[:, None])
+            hits = (logits.detach().argmax(-1) == y.view(idx.shape)).sum(1)
+            self.grad_norms.index_copy_(0, self.step_count,
+                                        norms.to(self.grad_norms.dtype)[None])
+            self.loss_sum.add_(losses)
+            self.correct.add_(hits)
+            self.step_count.add_(1)
+            self.position.add_(1)
 
     @torch.no_grad()
     def update(self, g: torch.Tensor, lr: torch.Tensor) -> None:
@@ -315,7 +405,9 @@ class Stack:
 
 
 def fit(stack: Stack, stop: train.StopFlag) -> None:
-    """Train.Trainer.fit for K models at once: the same cadences, the same records."""
+    """Train.Trainer.fit for K models at once: the same cadences, the same records. The loop
+    hands the stack runs of steps up to the next step with something to do (see
+    steps_to_event); between them the step needs nothing from the host."""
     trainers = stack.trainers
     t0 = trainers[0]
     t, total = t0.t, t0.total_steps
@@ -323,13 +415,11 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
     # A resumed run (trained alone: see groups) continues from its checkpoint's step, with
     # its recorded gradient norms and its open log window.
     step = t0.step
-    grad_norms = torch.stack([tr.grad_norms for tr in trainers], dim=1)
-    for k, tr in enumerate(trainers):
-        tr.grad_norms = grad_norms[:, k]
-    loss_sum = torch.stack([tr.loss_sum for tr in trainers]).to(stack.flat.dtype)
-    correct = torch.stack([tr.correct for tr in trainers])
+    loss_sum, correct = stack.loss_sum, stack.correct
     window_steps = t0.window_steps
-    factor = train.lr_factor(t0.cfg.optim, total)
+    # Stop signals are seen between runs of steps: eager ones (seconds each for a big stack on
+    # a CPU) stay short.
+    longest = 10**9 if stack.capture else GRAPH_STEPS
     off_clock = 0.0
 
     def off(fn: object, *args: object) -> None:
@@ -342,17 +432,23 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
         for tr in trainers:
             tr.diagnose()  # the step-0 baseline, before the first window opens
     window_start = time.perf_counter()
-    batches = Batches(trainers)
     while step < total and any(live):
-        losses, hits, norms = stack.step(batches.next(live), factor(step))
-        grad_norms[step] = norms
-        loss_sum += losses
-        correct += hits
-        window_steps += 1
-        step += 1
+        lead = next(tr for k, tr in enumerate(trainers) if live[k])
+        if lead.epoch_used_up():
+            for k, tr in enumerate(trainers):
+                if live[k]:
+                    tr.new_epoch()  # draws its own permutation, as alone
+            # A retired model's row repeats a live one's (its slot is zero and unused).
+            stack.set_perms([tr.perm if live[k] else lead.perm
+                             for k, tr in enumerate(trainers)], 0)
+        n = min(longest, steps_to_event(step, total, t, t0.steps_per_epoch - lead.pos))
+        stack.steps(n)
+        window_steps += n
+        step += n
         for k, tr in enumerate(trainers):
             if live[k]:
                 tr.step = step
+                tr.pos += n
         last = step == total
         if step % t.log_every == 0 or last or stop.signal or (
                 t.checkpoint_every and step % t.checkpoint_every == 0):
@@ -396,36 +492,6 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
             for k, tr in enumerate(trainers):
                 tr.loss_sum, tr.correct, tr.window_steps = loss_sum[k], correct[k], window_steps
             raise KeyboardInterrupt(stop.signal)
-
-
-class Batches:
-    """Every model's next batch indices (K x B) as one slice of the epoch's stacked
-    permutations. Each trainer still draws its own permutation (so its data order is the one
-    it would see alone) and keeps its own epoch and position; since all share the dataset and
-    batch size, all start a new epoch at the same step."""
-
-    def __init__(self, trainers: list[train.Trainer]):
-        self.trainers = trainers
-        self.bs = trainers[0].t.batch_size
-        # a resumed run is inside an epoch already
-        self.perms = (torch.stack([tr.perm for tr in trainers])
-                      if trainers[0].perm is not None else None)
-
-    def next(self, live: list[bool]) -> torch.Tensor:
-        lead = next(tr for k, tr in enumerate(self.trainers) if live[k])
-        if lead.epoch_used_up():
-            for k, tr in enumerate(self.trainers):
-                if live[k]:
-                    tr.next_batch()  # draws its new permutation
-            # A retired model's row repeats a live one's (its slot is zero and unused).
-            self.perms = torch.stack([tr.perm if live[k] else lead.perm
-                                      for k, tr in enumerate(self.trainers)])
-        else:
-            for k, tr in enumerate(self.trainers):
-                if live[k]:
-                    tr.pos += 1
-        pos = lead.pos
-        return self.perms[:, (pos - 1) * self.bs : pos * self.bs]
 
 
 def _catch_up_schedules(trainers: list[train.Trainer], live: list[bool], step: int) -> None:
@@ -496,8 +562,9 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
         log.exception("bnexp: vectorized training failed")
         statuses = ["failed"] * len(trainers)
     for tr in trainers:  # how the stack's step ran: captured in a CUDA graph, or eagerly
-        tr.env["training_step"] = ("cuda graph" if stack is not None and stack.graph
-                                   is not None else "eager")
+        step = "cuda graph" if stack is not None and stack.graphs else "eager"
+        tr.env["training_step"] = (f"torch.compile + {step}" if stack is not None
+                                   and stack.compiled else step)
     return [train.finish(tr, status, error, notes if status == "interrupted" else {})
             for tr, status in zip(trainers, statuses)]
 

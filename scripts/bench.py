@@ -207,17 +207,18 @@ def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
 class FitTimer:
     """Wall time of the training loop (Trainer.fit, or a stack's fit for runs whose step is a
     CUDA graph: the steps, logging, evaluation, diagnostics), without the run's set-up and its
-    final evaluation and files. With `mark`, also the time from the end of step `mark` to the
-    end of the loop (steady state: after a compile or capture in the first steps)."""
+    final evaluation and files. With `mark`, also the time from the end of the first step
+    numbered `mark` or later (`marked_step`) to the end of the loop (steady state: after a
+    compile or capture in the first steps; a stack runs several steps per call)."""
 
     def __init__(self, mark: int | None = None) -> None:
         from bnexp import vectorized
 
-        self.seconds, self.after_mark = 0.0, 0.0
+        self.seconds, self.after_mark, self.marked_step = 0.0, 0.0, 0
         self.mark = mark
         self.vectorized = vectorized
         self.originals = (train.Trainer.fit, train.Trainer.train_step, vectorized.fit,
-                          vectorized.Stack.step)
+                          vectorized.Stack.steps)
 
     def __enter__(self) -> FitTimer:
         timer = self
@@ -238,10 +239,11 @@ class FitTimer:
         def mark(step: Callable, done: Callable[[object], int]) -> Callable:
             def run(owner: object, *args: object) -> object:
                 out = step(owner, *args)
-                if done(owner) == timer.mark:
+                if not marked[0] and done(owner) >= timer.mark:
                     if torch.cuda.is_available():
                         torch.cuda.synchronize()
                     marked[0] = time.perf_counter()
+                    timer.marked_step = done(owner)
                 return out
             return run
 
@@ -249,12 +251,12 @@ class FitTimer:
         self.vectorized.fit = timed(stack_fit)
         if self.mark:  # Trainer.fit counts the step after train_step; a stack counts before
             train.Trainer.train_step = mark(train_step, lambda t: t.step + 1)
-            self.vectorized.Stack.step = mark(stack_step, lambda s: s.updates)
+            self.vectorized.Stack.steps = mark(stack_step, lambda s: s.updates)
         return self
 
     def __exit__(self, *exc: object) -> None:
         (train.Trainer.fit, train.Trainer.train_step, self.vectorized.fit,
-         self.vectorized.Stack.step) = self.originals
+         self.vectorized.Stack.steps) = self.originals
 
 
 def bnexp_loop(model_name: str, batch_size: int, steps: int, tmp: Path,
@@ -400,7 +402,7 @@ def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespac
     base = ["trainer.progress=none", f"device={device}", "trainer.checkpoint=false",
             "trainer.batch_size=128", f"trainer.steps={steps}", "trainer.eval_every=100"]
     train_seconds: dict[str, list[float]] = {"sequential": [], "vectorized": []}
-    step_kind = {"sequential": "eager"}
+    step_kind: dict[str, str] = {}
 
     def sequential() -> float:
         start = time.perf_counter()
@@ -409,6 +411,7 @@ def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespac
         seconds = time.perf_counter() - start
         train_seconds["sequential"].append(sum(s["metrics"]["train_seconds"]
                                                for s in summaries))
+        step_kind["sequential"] = summaries[0]["env"]["training_step"]
         return seconds
 
     def stacked() -> float:
@@ -502,13 +505,17 @@ def write_synthetic(root: Path, mnist: int, cifar: int) -> None:
 
 def timed_fit(overrides: list[str], tmp: Path, mark: int | None = None
               ) -> tuple[float, float, dict, float]:
-    """(seconds of Trainer.fit, seconds of the whole run, summary, seconds of fit after step
-    `mark`) of one run."""
+    """(seconds of Trainer.fit, seconds of the whole run, summary, the fit's seconds at its
+    rate after step `mark`, for all its steps) of one run."""
     start = time.perf_counter()
     with FitTimer(mark) as timer:
         summary = train.run(compose(overrides), Path(tempfile.mkdtemp(dir=tmp)))
     assert summary["status"] in ("completed", "diverged"), summary
-    return timer.seconds, time.perf_counter() - start, summary, timer.after_mark
+    wall = time.perf_counter() - start
+    steps = summary["metrics"]["steps"]
+    steady = (timer.after_mark * steps / (steps - timer.marked_step)
+              if mark and steps > timer.marked_step else 0.0)
+    return timer.seconds, wall, summary, steady
 
 
 QUIET = ["trainer.progress=none", "trainer.checkpoint=false", "trainer.diagnostics=false"]
@@ -558,14 +565,14 @@ def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
     common = ["device=cuda", *QUIET, f"data.root={root}", "trainer.eval_every=1000000",
               "trainer.log_every=1000000"]
     cases = []
-    for norm, modes in (("batch", ("off", "on", "graph")), ("none", ("off", "graph"))):
+    for norm, modes in (("batch", ("off", "graph", "on")), ("none", ("off", "graph"))):
         for compile_mode in modes:
             cases.append((f"MNIST-sized MLP norm={norm}, batch 128, {args.gpu_epochs} epochs",
                           [*common, "data=mnist", "trainer.batch_size=128",
                            f"trainer.epochs={args.gpu_epochs}", f"model.norm={norm}",
                            f"trainer.compile={compile_mode}"], compile_mode,
                           min(n_mnist // 128, args.gpu_epochs * (n_mnist // 128) // 2)))
-    for compile_mode in ("off", "on"):  # (graph: not with bf16, see vectorized.stackable)
+    for compile_mode in ("off", "graph", "on"):
         cases.append(("CIFAR-10-sized CNN + BN, bf16, channels_last, GPU augmentation, "
                       "batch 512, 1 epoch",
                       [*common, "data=cifar10", "model=cnn", "trainer.precision=bf16",
@@ -581,8 +588,9 @@ def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
         skipped = _skips(counters) - before
         total = later[0][2]["metrics"]["steps"]
         fit = statistics.median(r[0] for r in later)
-        steady = statistics.median(r[3] * total / (total - mark) for r in later)
-        rows.append({"card": card, "what": what, "compile": compile_mode, "steps": total,
+        steady = statistics.median(r[3] for r in later)
+        rows.append({"card": card, "what": what, "compile": compile_mode,
+                     "step": later[0][2]["env"]["training_step"], "steps": total,
                      "seconds": fit, "steady seconds": steady,
                      "steady ms/step": 1000 * steady / total,
                      "first run s": first[0], "one-off s": first[0] - steady,
@@ -600,6 +608,20 @@ def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
     rows.append({"card": card, "what": f"minimal hand-written loop, MLP + BN, batch 128, "
                  f"{args.gpu_epochs} epochs", "compile": "off", "steps": steps,
                  "seconds": steps * 128 / sps, "steady ms/step": 1000 / (sps / 128)})
+    # The arithmetic limits: training FLOPs over the card's matmul rate (fp32 without TF32, as
+    # the MLP runs; bf16 for the CNN), 4096-square, large enough to fill the card.
+    cuda = torch.device("cuda")
+    cifar = data.load(compose(["data=cifar10", f"data.root={root}"]).data)
+    for what, model_name, shape, samples, dtype in (
+            ("MLP + BN", "mlp", ds.in_shape, steps * 128, torch.float32),
+            ("CNN + BN (bf16)", "cnn", cifar.in_shape, len(cifar.y_train) // 512 * 512,
+             torch.bfloat16)):
+        model = models.build(compose([f"model={model_name}"]).model, shape, 10)
+        rate = matmul_rate(cuda, dtype, 4096)
+        rows.append({"card": card, "what": f"arithmetic limit, {what}: "
+                     f"{train_flops_per_sample(model, shape) / 1e6:.3g} MFLOP/sample at "
+                     f"{rate / 1e12:.3g} TFLOP/s", "compile": "-", "steps": "-",
+                     "seconds": train_flops_per_sample(model, shape) * samples / rate})
     return rows
 
 

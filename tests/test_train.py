@@ -153,9 +153,8 @@ def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
     eager_model = models.build(cfg.model, (1, 28, 28), 10)
     compiled_model = models.build(cfg.model, (1, 28, 28), 10)
     compiled_model.load_state_dict(eager_model.state_dict())
-    cpu = torch.device("cpu")
-    eager = train.loss_function(eager_model, False, False, cpu)
-    compiled = train.loss_function(compiled_model, False, True, cpu, backend="aot_eager")
+    eager = train.loss_function(eager_model, False, False)
+    compiled = train.loss_function(compiled_model, False, True, backend="aot_eager")
     x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
     for _ in range(2):  # the second call replays the captured graph
         e, c = _step(eager, eager_model, x, y), _step(compiled, compiled_model, x, y)
@@ -164,15 +163,19 @@ def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
             assert torch.allclose(a.float(), b.float(), atol=1e-5)
 
 
-def test_compile_auto_stays_eager_on_cpu_and_for_short_runs() -> None:
-    from bnexp import train
+def test_compile_auto_stays_eager_on_cpu_and_a_gpu_run_trains_as_a_captured_stack() -> None:
+    from bnexp import train, vectorized
+    from bnexp.config import compose
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not train.should_compile(cpu, "auto", 10**6)
-    assert not train.should_compile(cpu, "off", 10**6)
-    assert not train.should_compile(cuda, "auto", 10)
-    assert train.should_compile(cuda, "auto", train.COMPILE_MIN_STEPS)
-    assert train.should_compile(cpu, "on", 10)
+    assert not train.should_compile(cpu, "auto")
+    assert not train.should_compile(cpu, "off")
+    assert train.should_compile(cpu, "on")
+    assert not train.should_compile(cuda, "on")  # the stack of one compiles instead
+    for setting, captured in (("auto", True), ("graph", True), ("on", True), ("off", False)):
+        cfg = compose([f"trainer.compile={setting}", "trainer.precision=bf16"])
+        assert vectorized.capturable(cfg, cuda) is captured, setting
+        assert not vectorized.capturable(cfg, cpu), setting
 
 
 @pytest.mark.slow

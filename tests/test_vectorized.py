@@ -163,6 +163,59 @@ def test_vgg_and_resnet_train_in_a_stack_as_alone(tmp_path: Path, model: list[st
         <= 1e-10
 
 
+def test_a_channels_last_stack_of_one_steps_as_the_trainer_alone(tmp_path: Path) -> None:
+    """On a GPU, conv nets run channels_last, and a stack of one lays its conv weights out
+    channels-last inside the flat parameter row (so its views keep that layout). The CPU has
+    channels_last kernels too: the same layout here steps exactly as the trainer alone."""
+    from conftest import make_cifar10
+
+    make_cifar10(tmp_path / "data", per_batch=8)
+    cfg = compose(["device=cpu", "data=cifar10", f"data.root={tmp_path / 'data'}", "model=cnn",
+                   "trainer.steps=6", "trainer.batch_size=8", "trainer.progress=none",
+                   "trainer.precision=fp64", "data.augment=true", "trainer.log_every=3",
+                   "optim.momentum=0.9"])
+    trainers = []
+    for name in ("stacked", "alone"):
+        tr = train.prepare(cfg, tmp_path / name)
+        tr.channels_last = True  # what a CUDA device sets (see train.Trainer)
+        tr.model.to(memory_format=torch.channels_last)
+        trainers.append(tr)
+    stacked, alone = trainers
+    before = {n: p.detach().clone() for n, p in stacked.model.named_parameters()}
+    stack = vectorized.Stack([stacked])
+    convs = [n for n, p in stacked.model.named_parameters() if p.dim() == 4]
+    assert convs and all(stacked.model.get_parameter(n).is_contiguous(
+        memory_format=torch.channels_last) for n in convs)
+    assert max_difference(before, dict(stacked.model.named_parameters())) == 0
+    stacked.new_epoch()
+    stack.set_perms([stacked.perm], 0)
+    steps = stacked.steps_per_epoch  # one epoch: the data order is set per epoch
+    stack.steps(steps)
+    for _ in range(steps):
+        alone.train_step(alone.next_batch())
+        alone.step += 1
+    assert max_difference(dict(stacked.model.named_parameters()),
+                          dict(alone.model.named_parameters())) <= 1e-12
+    assert max_difference(dict(stacked.model.named_buffers()),
+                          dict(alone.model.named_buffers())) <= 1e-12
+    assert stack.grad_norms[:steps, 0].tolist() == pytest.approx(
+        alone.grad_norms[:steps].tolist(), rel=1e-10)
+
+
+@pytest.mark.slow
+def test_a_compiled_stack_of_one_equals_the_eager_run_in_float64(tmp_path: Path) -> None:
+    """trainer.compile=on on a GPU: the stack of one's forward through torch.compile (inductor
+    generates C++ here, CUDA kernels there; tens of seconds), inside the captured step."""
+    common = [*F64, "trainer.steps=12", "trainer.log_every=4", "optim.momentum=0.9"]
+    [compiled] = vectorized.run_group([compose([*common, "trainer.compile=on"])],
+                                      [tmp_path / "compiled"])
+    alone = train.run(compose([*common, "trainer.compile=off"]), tmp_path / "alone")
+    assert compiled["status"] == alone["status"] == "completed"
+    assert compiled["env"]["training_step"] == "torch.compile + eager"  # no graph on a CPU
+    assert max_difference(final_state(tmp_path / "compiled"), final_state(tmp_path / "alone")) \
+        <= 1e-10
+
+
 def test_compile_graph_needs_a_gpu(isolated: Path) -> None:
     result = runner.invoke(app, ["train", "device=cpu", "trainer.compile=graph"])
     assert result.exit_code == 2
