@@ -294,18 +294,21 @@ class Trainer:
         """Read the window's accumulators (the only host sync of the window), log them, and
         check for divergence; False if the run diverged."""
         h, samples = self.history, steps * self.t.batch_size
-        mean_loss = loss_sum.item() / steps
-        acc = correct.item() / samples
+        window_grads = self.grad_norms[self.step - steps : self.step]
+        # one read-back for the three (on a GPU each read waits for the queued steps)
+        loss_total, hits, grad_max = torch.stack([
+            loss_sum.double(), correct.double(), window_grads.max().double()]).tolist()
+        mean_loss = loss_total / steps
+        acc = hits / samples
         h.train_seconds += seconds
         h.samples += samples
         h.train_loss.append((self.step, mean_loss))
         h.train_acc.append((self.step, acc))
-        window_grads = self.grad_norms[self.step - steps : self.step]
         sps = samples / max(seconds, 1e-9)
         self.events.scalars(self.step, {
             "train/loss": mean_loss, "train/acc": acc,
             "train/lr": self.scheduler.get_last_lr()[0],
-            "train/grad_norm": window_grads.max().item(),
+            "train/grad_norm": grad_max,
             "perf/samples_per_sec": sps,
         })
         self.progress.update(self.step, epoch, loss=mean_loss, sps=sps)

@@ -417,9 +417,9 @@ def fit(stack: Stack, stop: train.StopFlag) -> None:
     step = t0.step
     loss_sum, correct = stack.loss_sum, stack.correct
     window_steps = t0.window_steps
-    # Stop signals are seen between runs of steps: eager ones (seconds each for a big stack on
-    # a CPU) stay short.
-    longest = 10**9 if stack.capture else GRAPH_STEPS
+    # A run of steps is at most one graph long (or as long, eagerly): the host's loop costs
+    # little per run, and stop signals are seen between runs.
+    longest = stack.graph_steps if stack.capture else GRAPH_STEPS
     off_clock = 0.0
 
     def off(fn: object, *args: object) -> None:

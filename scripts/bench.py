@@ -181,6 +181,11 @@ def dataloader_loop(root: Path, model_name: str, batch_size: int, steps: int,
     return steps * batch_size / (time.perf_counter() - start)
 
 
+# CPU seconds (this process's, time.process_time) of the last minimal or bnexp loop: on a
+# shared machine wall time also counts the time the loop waited for a core; CPU time does not.
+last_cpu_seconds = [0.0]
+
+
 def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
                  device: torch.device = torch.device("cpu")) -> float:
     """Samples/s of a hand-written loop over resident, pre-normalized tensors, no logging."""
@@ -191,7 +196,7 @@ def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     per_epoch = len(y) // batch_size
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         if step % per_epoch == 0:
             perm = torch.randperm(len(y), device=device)
@@ -201,6 +206,7 @@ def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
         loss.backward()
         opt.step()
     sync(device)
+    last_cpu_seconds[0] = time.process_time() - cpu
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -227,12 +233,13 @@ class FitTimer:
 
         def timed(loop: Callable) -> Callable:
             def run(owner: object, stop: train.StopFlag) -> None:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 try:
                     loop(owner, stop)
                 finally:
                     end = time.perf_counter()  # a loop ends reading its last window: in sync
                     timer.seconds = end - start
+                    last_cpu_seconds[0] = time.process_time() - cpu
                     timer.after_mark = end - marked[0] if marked[0] else 0.0
             return run
 
@@ -295,18 +302,34 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
                                                           EVERY_DIAGNOSTIC),
             }
 
+        cpu_sps: dict[str, list[float]] = {}
+
+        def cpu_timed(name: str, fn: Callable[[], float], samples: int,
+                      store: dict[str, list[float]] = cpu_sps) -> Callable[[], float]:
+            def run() -> float:
+                wall = fn()
+                store.setdefault(name, []).append(samples / last_cpu_seconds[0])
+                return wall
+            return run
+
         with threads(1):
             for fn in variants(2).values() if not args.quick else ():  # warm-up: imports,
                 fn()  # allocator, worker start-up
             # conv steps take ~0.4 s here: fewer rounds keep the section within minutes
-            sps = interleaved(variants(steps), args.repeats if model_name == "mlp" else
+            timed = {name: cpu_timed(name, fn, steps * bs)
+                     if name.startswith(("minimal", "bnexp"))
+                     else fn for name, fn in variants(steps).items()}
+            sps = interleaved(timed, args.repeats if model_name == "mlp" else
                               min(args.repeats, 3))
             net = models.build(cfg_for(model_name, bs, steps).model, (1, 28, 28), 10)
             limit = matmul_rate(torch.device("cpu")) / train_flops_per_sample(net, (1, 28, 28))
         minimal = sps["minimal resident loop"]
+        cpu = {name: statistics.median(v) for name, v in cpu_sps.items()}
         for name, value in sps.items():
             rows.append({"model": model_name, "loop": name, "samples/s": value,
                          "vs minimal": value / minimal,
+                         "vs minimal, CPU time": cpu[name] / cpu["minimal resident loop"]
+                         if name in cpu else "",
                          "vs DataLoader 0w": value / sps["DataLoader, 0 workers"],
                          "of FLOP limit": value / limit})
         rows.append({"model": model_name, "loop": "arithmetic limit (1 thread)",

@@ -223,6 +223,36 @@ def test_compile_graph_needs_a_gpu(isolated: Path) -> None:
     assert not (isolated / "outputs").exists() or not any((isolated / "outputs").rglob("*.json"))
 
 
+def test_runs_of_steps_end_at_every_step_the_loop_acts_on() -> None:
+    """The stack's loop advances by runs of steps (up to a CUDA graph's length): every step
+    with a log window, evaluation, diagnostics, probe, checkpoint or epoch end ends one, and
+    no other step does."""
+    import random
+    from types import SimpleNamespace
+
+    rng = random.Random(0)
+    for _ in range(200):
+        t = SimpleNamespace(log_every=rng.randint(1, 40), eval_every=rng.randint(1, 90),
+                            diagnostics=rng.random() < 0.5, diagnostics_every=rng.randint(1, 90),
+                            probe_every=rng.choice([0, rng.randint(1, 90)]),
+                            checkpoint_every=rng.choice([0, rng.randint(1, 90)]))
+        per_epoch, total = rng.randint(1, 50), rng.randint(1, 400)
+        cadences = [t.log_every, t.eval_every, t.probe_every, t.checkpoint_every,
+                    t.diagnostics_every if t.diagnostics else 0, per_epoch]
+        wanted = {s for s in range(1, total + 1) if any(c and s % c == 0 for c in cadences)}
+        ends, step, pos = set(), 0, per_epoch
+        while step < total:
+            if pos == per_epoch:
+                pos = 0
+            n = vectorized.steps_to_event(step, total, t, per_epoch - pos)
+            assert n >= 1
+            step, pos = step + n, pos + n
+            ends.add(step)
+        assert ends == wanted | {total}  # each of them, and no other
+        graph = vectorized.graph_steps(t.log_every)
+        assert t.log_every % graph == 0 and graph <= vectorized.GRAPH_STEPS
+
+
 def test_groups_stack_only_what_differs_in_per_model_scalars() -> None:
     cfgs = [compose(o) for o in (["optim.lr=0.1"], ["optim.lr=1", "seed=3"],
                                  ["trainer.batch_size=32"], ["model.norm=none"],
