@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from bnexp import record, train
-from bnexp.config import UNHASHED, resolved
+from bnexp.config import UNHASHED, TrainerConfig, resolved
 from bnexp.device import choose_threads
 
 log = logging.getLogger("bnexp")
@@ -72,7 +72,7 @@ def graph_steps(log_every: int) -> int:
     return max(n for n in range(1, GRAPH_STEPS + 1) if log_every % n == 0)
 
 
-def steps_to_event(step: int, total: int, t: object, epoch_left: int) -> int:
+def steps_to_event(step: int, total: int, t: TrainerConfig, epoch_left: int) -> int:
     """Steps from `step` to the next one after which the loop has something to do: a log
     window, evaluation, diagnostics, probe, checkpoint, an epoch's end or the last step."""
     n = min(total - step, epoch_left)

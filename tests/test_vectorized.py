@@ -228,11 +228,12 @@ def test_runs_of_steps_end_at_every_step_the_loop_acts_on() -> None:
     with a log window, evaluation, diagnostics, probe, checkpoint or epoch end ends one, and
     no other step does."""
     import random
-    from types import SimpleNamespace
+
+    from bnexp.config import TrainerConfig
 
     rng = random.Random(0)
     for _ in range(200):
-        t = SimpleNamespace(log_every=rng.randint(1, 40), eval_every=rng.randint(1, 90),
+        t = TrainerConfig(log_every=rng.randint(1, 40), eval_every=rng.randint(1, 90),
                             diagnostics=rng.random() < 0.5, diagnostics_every=rng.randint(1, 90),
                             probe_every=rng.choice([0, rng.randint(1, 90)]),
                             checkpoint_every=rng.choice([0, rng.randint(1, 90)]))
