@@ -204,7 +204,7 @@ class Trainer:
         n_probe = min(self.t.probe_batch_size, len(ds.y_train))
         self.probe_x = self.inputs(ds.x_train[:n_probe])  # fixed: same samples at every probe
         self.probe_y = ds.y_train[:n_probe]
-        self.grad_norms = torch.zeros(self.total_steps, device=device)
+        self.grad_norms = torch.zeros(self.total_steps, device=device, dtype=self.params[0].dtype)
         self.started = time.perf_counter()
         self.off_clock = 0.0  # seconds spent on eval and probes inside the current log window
         # Loop state (see fit): the data order and the open log window.
@@ -228,12 +228,16 @@ class Trainer:
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch(idx), self.ds.y_train.index_select(0, idx)
         loss, hits = self.loss_and_hits(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
+        # What zero_grad(set_to_none=True) does, without its profiler and dynamo wrappers
+        # (14 vs 1 us here, every step).
+        for p in self.params:
+            p.grad = None
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
-        # Global gradient norm, kept on the device: read back once at the end of the run.
-        self.grad_norms[self.step] = torch.linalg.vector_norm(
-            torch.stack(torch._foreach_norm(grads)))
+        # Global gradient norm, kept on the device (written in place: one op fewer per step);
+        # read back once per log window.
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)),
+                                 out=self.grad_norms[self.step])
         self.optimizer.step()
         self.scheduler.step()
         return loss.detach(), hits

@@ -1,7 +1,9 @@
 """How fast is bnexp, measured against the references that matter, in one process.
 
 Every figure is a median over interleaved repeats (a shared machine drifts; interleaving makes the
-drift hit every variant alike), and every claim is a ratio of two figures from this same run:
+drift hit every variant alike), and every claim is a ratio of two figures from this same run; where
+two loops are close (bnexp's vs the minimal loop), the median of their per-round ratios, with its
+quartiles:
 
   throughput  bnexp's training loop vs a minimal hand-written loop over resident tensors (the
               practical ceiling of eager PyTorch), vs the DataLoader loop most users write
@@ -62,11 +64,27 @@ def median_of(fn: Callable[[], float], repeats: int) -> float:
 
 def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Median of each variant's figure, the variants taking turns in every round."""
+    return {name: statistics.median(v) for name, v in rounds(variants, repeats).items()}
+
+
+def rounds(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each variant's figure in every round, the variants taking turns within a round."""
     values: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
             values[name].append(fn())
-    return {name: statistics.median(v) for name, v in values.items()}
+    return values
+
+
+def paired(values: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios values[r] / reference[r]: two loops run
+    seconds apart share the machine's state, so their ratio is steadier than the ratio of
+    medians taken over minutes."""
+    ratios = sorted(v / r for v, r in zip(values, reference, strict=True))
+    if len(ratios) < 4:
+        return statistics.median(ratios), ratios[0], ratios[-1]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q1, q3
 
 
 @contextlib.contextmanager
@@ -278,8 +296,12 @@ def bnexp_loop(model_name: str, batch_size: int, steps: int, tmp: Path,
 
 # Only the final evaluation and log line: the loop itself, against the minimal loop.
 BARE = ["trainer.diagnostics=false", "trainer.eval_every=1000000", "trainer.log_every=1000000"]
-EVERY_DIAGNOSTIC = ["trainer.diagnostics_every=50", "trainer.histogram_every=100",
-                    "trainer.probe_every=100"]
+# Every diagnostic switched on, at the default cadences: the loss-landscape probes (off by
+# default) join the per-layer diagnostics every 100 steps.
+EVERY_DIAGNOSTIC = ["trainer.probe_every=100"]
+# Denser still: diagnostics every 50 steps, histograms and probes every 100.
+DENSE_DIAGNOSTICS = ["trainer.diagnostics_every=50", "trainer.histogram_every=100",
+                     "trainer.probe_every=100"]
 
 
 def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
@@ -290,16 +312,22 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
     for model_name, steps in (("mlp", args.steps_mlp), ("cnn", args.steps_cnn))[
             : 1 if args.quick else 2]:  # --quick: the conv rows only cost time
         bs = 128
-        def variants(n: int, model_name: str = model_name, bs: int = bs) -> dict:
-            return {
+        def slow(n: int, model_name: str = model_name, bs: int = bs) -> dict:
+            return {  # ~10x slower than the rest, and far from their goal: fewer rounds
                 "DataLoader, 0 workers": partial(dataloader_loop, raw, model_name, bs, n, 0),
                 "DataLoader, 2 workers": partial(dataloader_loop, raw, model_name, bs, n, 2),
+            }
+
+        def close(n: int, model_name: str = model_name, bs: int = bs) -> dict:
+            return {
                 "minimal resident loop": partial(minimal_loop, ds, model_name, bs, n),
                 "bnexp train (no eval, logs, diagnostics)": partial(bnexp_loop, model_name, bs,
                                                                     n, tmp, BARE),
                 "bnexp train (default logging)": partial(bnexp_loop, model_name, bs, n, tmp),
                 "bnexp train (every diagnostic)": partial(bnexp_loop, model_name, bs, n, tmp,
                                                           EVERY_DIAGNOSTIC),
+                "bnexp train (dense diagnostics)": partial(bnexp_loop, model_name, bs, n, tmp,
+                                                           DENSE_DIAGNOSTICS),
             }
 
         cpu_sps: dict[str, list[float]] = {}
@@ -313,27 +341,32 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
             return run
 
         with threads(1):
-            for fn in variants(2).values() if not args.quick else ():  # warm-up: imports,
-                fn()  # allocator, worker start-up
+            for fn in [*slow(2).values(), *close(2).values()] if not args.quick else ():
+                fn()  # warm-up: imports, allocator, worker start-up
             # conv steps take ~0.4 s here: fewer rounds keep the section within minutes
-            timed = {name: cpu_timed(name, fn, steps * bs)
-                     if name.startswith(("minimal", "bnexp"))
-                     else fn for name, fn in variants(steps).items()}
-            sps = interleaved(timed, args.repeats if model_name == "mlp" else
-                              min(args.repeats, 3))
+            n_close = 3 * args.repeats if model_name == "mlp" else min(args.repeats, 3)
+            sps = interleaved(slow(steps), min(args.repeats, 3))
+            per_round = rounds({name: cpu_timed(name, fn, steps * bs)
+                                for name, fn in close(steps).items()}, n_close)
+            sps.update({name: statistics.median(v) for name, v in per_round.items()})
             net = models.build(cfg_for(model_name, bs, steps).model, (1, 28, 28), 10)
             limit = matmul_rate(torch.device("cpu")) / train_flops_per_sample(net, (1, 28, 28))
-        minimal = sps["minimal resident loop"]
-        cpu = {name: statistics.median(v) for name, v in cpu_sps.items()}
+        minimal = per_round["minimal resident loop"]
         for name, value in sps.items():
-            rows.append({"model": model_name, "loop": name, "samples/s": value,
-                         "vs minimal": value / minimal,
-                         "vs minimal, CPU time": cpu[name] / cpu["minimal resident loop"]
-                         if name in cpu else "",
-                         "vs DataLoader 0w": value / sps["DataLoader, 0 workers"],
-                         "of FLOP limit": value / limit})
+            row = {"model": model_name, "loop": name, "samples/s": value,
+                   "vs minimal": value / statistics.median(minimal), "quartiles": "",
+                   "vs minimal, CPU time": "", "rounds": len(per_round.get(name, ())) or
+                   min(args.repeats, 3)}
+            if name in per_round:  # paired with the minimal loop, round by round
+                ratio, q1, q3 = paired(per_round[name], minimal)
+                row["vs minimal"], row["quartiles"] = ratio, f"{q1:.3f}-{q3:.3f}"
+                row["vs minimal, CPU time"] = paired(cpu_sps[name],
+                                                     cpu_sps["minimal resident loop"])[0]
+            row["vs DataLoader 0w"] = value / sps["DataLoader, 0 workers"]
+            row["of FLOP limit"] = value / limit
+            rows.append(row)
         rows.append({"model": model_name, "loop": "arithmetic limit (1 thread)",
-                     "samples/s": limit, "vs minimal": limit / minimal,
+                     "samples/s": limit, "vs minimal": limit / statistics.median(minimal),
                      "vs DataLoader 0w": limit / sps["DataLoader, 0 workers"],
                      "of FLOP limit": 1.0})
     return rows

@@ -25,13 +25,20 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
     loops = {(r["model"], r["loop"]): r for r in rows["throughput"]}
     for model in ("mlp",):  # --quick measures the MLP only
         minimal = loops[(model, "minimal resident loop")]
-        assert minimal["vs minimal"] == 1.0
+        assert minimal["vs minimal"] == 1.0 and minimal["quartiles"] == "1.000-1.000"
         for name in ("DataLoader, 0 workers", "DataLoader, 2 workers",
-                     "bnexp train (default logging)", "bnexp train (every diagnostic)",
-                     "arithmetic limit (1 thread)"):
+                     "arithmetic limit (1 thread)"):  # ratios of medians
             row = loops[(model, name)]
             assert row["samples/s"] > 0 and math.isfinite(row["samples/s"])
             assert row["vs minimal"] == row["samples/s"] / minimal["samples/s"]
+        for name in ("bnexp train (no eval, logs, diagnostics)", "bnexp train (default logging)",
+                     "bnexp train (every diagnostic)", "bnexp train (dense diagnostics)"):
+            row = loops[(model, name)]  # medians of ratios paired round by round
+            assert row["samples/s"] > 0 and math.isfinite(row["samples/s"])
+            assert row["rounds"] == minimal["rounds"] == 3
+            low, high = (float(q) for q in row["quartiles"].split("-"))
+            assert 0 < low <= row["vs minimal"] <= high, row
+            assert row["vs minimal, CPU time"] > 0
     ways = {r["way"]: r for r in rows["vectorized"]}
     assert ways["sequential"]["wall speed-up"] == 1.0 and ways["vectorized"]["wall s"] > 0
     assert ways["sequential"]["training speed-up"] == 1.0
