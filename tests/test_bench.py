@@ -39,6 +39,7 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
             low, high = (float(q) for q in row["quartiles"].split("-"))
             assert 0 < low <= row["vs minimal"] <= high, row
             assert row["vs minimal, CPU time"] > 0
+            assert 0 < row["best vs best"] < math.inf
     ways = {r["way"]: r for r in rows["vectorized"]}
     assert ways["sequential"]["wall speed-up"] == 1.0 and ways["vectorized"]["wall s"] > 0
     assert ways["sequential"]["training speed-up"] == 1.0

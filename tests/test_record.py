@@ -129,3 +129,54 @@ def test_probes_change_nothing_about_training(tmp_path: Path) -> None:
 
     assert final("off", "trainer.diagnostics=false") == final(
         "on", "trainer.probe_every=5", "trainer.diagnostics_every=3")
+
+
+def test_crc32c_matches_tensorboards_own_checksum() -> None:
+    import random
+
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as reference
+
+    from bnexp.record import crc32c, masked_crc32c
+
+    rng = random.Random(0)
+    # short records take the byte loop; from 256 bytes on, whole and partial numpy blocks
+    for n in (0, 1, 3, 4, 5, 255, 256, 257, 511, 512, 1000, 14_000, 100_003):
+        data = rng.randbytes(n)
+        assert crc32c(data) == reference.crc32c(data), n
+        assert masked_crc32c(data) == reference.masked_crc32c(data), n
+    assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+
+
+def test_event_records_pass_tensorboards_checksum_check(tmp_path: Path) -> None:
+    """Large (histogram) and small records written by Events read back through TensorBoard's
+    pure-Python record reader, which recomputes every checksum; a flipped byte is caught."""
+    import torch
+    from tensorboard.compat.tensorflow_stub import errors
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    from bnexp.record import Events
+
+    events = Events(tmp_path)
+    events.scalars(1, {"train/loss": 0.5})
+    events.histograms(1, {f"bn{i}/running_mean": torch.randn(100) for i in range(12)})
+    events.close()
+    path = next(tmp_path.glob("events.out.tfevents.*"))
+
+    def records(file: Path) -> list[bytes]:
+        reader, found = PyRecordReader_New(str(file)), []
+        while True:
+            try:
+                reader.GetNext()
+            except errors.OutOfRangeError:
+                return found
+            found.append(reader.record())
+
+    read = records(path)
+    assert max(len(r) for r in read) > 10_000  # the histogram event takes the numpy path
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # inside the last record's payload
+    broken = tmp_path / "broken" / path.name
+    broken.parent.mkdir()
+    broken.write_bytes(bytes(data))
+    with pytest.raises(errors.DataLossError):
+        records(broken)
