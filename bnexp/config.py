@@ -100,7 +100,9 @@ class TrainerConfig:
     steps: int | None = None
     batch_size: int = 64
     eval_every: int = 50
-    eval_batch_size: int = 1000
+    # auto: 1000 on a GPU; on a CPU, batches whose largest activation is cache-sized (fastest
+    # there: see bnexp/device.py). Results do not depend on it (eval mode).
+    eval_batch_size: str = "auto"
     log_every: int = 10
     # fp32; bf16 = autocast (faster on GPUs, slower on CPUs without bf16 units: see
     # docs/performance.md); fp64 = parameters and inputs in double, for numerical checks.
@@ -384,7 +386,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.steps": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
     "trainer.batch_size": (_positive_int, "an integer >= 1"),
     "trainer.eval_every": (_positive_int, "an integer >= 1 (steps)"),
-    "trainer.eval_batch_size": (_positive_int, "an integer >= 1"),
+    "trainer.eval_batch_size": (
+        lambda v: v == "auto" or (str(v).isdigit() and int(v) >= 1),
+        "auto or an integer >= 1",
+    ),
     "trainer.log_every": (_positive_int, "an integer >= 1 (steps)"),
     "trainer.precision": _one_of(PRECISIONS),
     "trainer.compile": _one_of(COMPILE),
@@ -463,7 +468,7 @@ def resolved(cfg: DictConfig) -> dict:
 
 
 # Keys that change how a run is shown or scheduled, not what it computes.
-UNHASHED = ("device", "trainer.threads", "trainer.progress", "resume")
+UNHASHED = ("device", "trainer.threads", "trainer.eval_batch_size", "trainer.progress", "resume")
 
 
 def config_hash(cfg: DictConfig | dict) -> str:

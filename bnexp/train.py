@@ -26,7 +26,13 @@ from torch import nn
 
 from bnexp import data, metrics, models, probes, record
 from bnexp.config import UNHASHED, ConfigError, config_hash, resolved
-from bnexp.device import choose_threads, environment, resolve_device, seed_everything
+from bnexp.device import (
+    choose_eval_batch_size,
+    choose_threads,
+    environment,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger("bnexp")
 RESIDENT_FLOAT_BYTES = 2**31  # a standardized float copy of the training set up to this size
@@ -194,6 +200,9 @@ class Trainer:
         self.compiled = should_compile(device, self.t.compile)
         self.loss_and_hits = loss_function(model, self.autocast, self.compiled)
         self.activation = str(cfg.model.activation)
+        example = self.x_val[:2] if self.x_val is not None else self.inputs(ds.x_val[:2])
+        self.eval_batch_size = choose_eval_batch_size(str(self.t.eval_batch_size), model,
+                                                      example, device)
         self.params = list(model.parameters())
         self.run_dir, self.config = run_dir, config
         self.events = record.Events(run_dir, purge_step)
@@ -333,7 +342,7 @@ class Trainer:
         ready = self.x_val is not None
         loss, acc = evaluate(self.model, self.x_val if ready else self.ds.x_val, self.ds.y_val,
                              None if ready else self.inputs,
-                             self.t.eval_batch_size)
+                             self.eval_batch_size)
         h = self.history
         h.val_loss.append((self.step, loss))
         h.val_acc.append((self.step, acc))
@@ -565,6 +574,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Trainer:
     trainer = Trainer(cfg, run_dir, device, ds, model, config,
                       purge_step=ckpt["step"] + 1 if ckpt else None)
     trainer.config_raw = resolved(cfg)
+    config["trainer"]["eval_batch_size"] = trainer.eval_batch_size  # the value that ran
     trainer.env, trainer.target, trainer.resumed = env, target, ckpt is not None
     env["training_step"] = "torch.compile" if trainer.compiled else "eager"
     if ckpt:

@@ -10,6 +10,10 @@ a loop down, so the fastest round is the least disturbed one):
               practical ceiling of eager PyTorch), vs the DataLoader loop most users write
               (torchvision dataset + ToTensor/Normalize, 0 and 2 workers), and vs the arithmetic
               limit (FLOPs per sample x samples / the matmul rate measured here);
+  steady      the same comparison in steady state, robust to the machine's noise: medians of
+              single loop iterations (bnexp's and the minimal loop's) and of single events
+              (log line, evaluation, diagnostics, histograms, loss-landscape probe), projected
+              to a run of 1,000 steps at the default cadences;
   threads     1 vs 2 torch threads, on an idle machine and beside a busy process, and what
               trainer.threads=auto picks;
   precision   bf16 autocast vs fp32: step time and the effect on the result;
@@ -52,7 +56,7 @@ from bnexp import data, models, train
 from bnexp.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("throughput", "threads", "precision", "vectorized", "startup", "compile",
+SECTIONS = ("throughput", "steady", "threads", "precision", "vectorized", "startup", "compile",
             "gpu")
 
 
@@ -372,6 +376,125 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
                      "samples/s": limit, "vs minimal": limit / statistics.median(minimal),
                      "vs DataLoader 0w": limit / sps["DataLoader, 0 workers"],
                      "of FLOP limit": 1.0})
+    return rows
+
+
+# ----------------------------------------------------------------------------- steady
+
+
+def minimal_step_seconds(ds: data.Dataset, model_name: str, batch_size: int,
+                         steps: int) -> float:
+    """Median seconds of one iteration of the minimal loop (as in minimal_loop)."""
+    x, y = (ds.x_train.float() / 255 - 0.1307) / 0.3081, ds.y_train
+    model = models.build(cfg_for(model_name, batch_size, steps).model, ds.in_shape,
+                         ds.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    per_epoch, times = len(y) // batch_size, []
+    for step in range(steps):
+        start = time.perf_counter()
+        if step % per_epoch == 0:
+            perm = torch.randperm(len(y))
+        idx = perm[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def loop_step_seconds(model_name: str, batch_size: int, steps: int, tmp: Path) -> float:
+    """Median seconds from one step's start to the next's in Trainer.fit with no events: the
+    whole loop iteration (batch, step, accumulators, cadence checks)."""
+    trainer = train.prepare(cfg_for(model_name, batch_size, steps, ["trainer.threads=1", *BARE]),
+                            Path(tempfile.mkdtemp(dir=tmp)))
+    starts: list[float] = []
+    step = trainer.train_step
+
+    def timed(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts.append(time.perf_counter())
+        return step(idx)
+
+    trainer.train_step = timed
+    trainer.fit(train.StopFlag())
+    trainer.events.close()
+    return statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))
+
+
+def event_seconds(model_name: str, batch_size: int, repeats: int,
+                  tmp: Path) -> dict[str, float]:
+    """Median seconds of each event the loop adds to its steps."""
+    from bnexp import probes
+
+    trainer = train.prepare(cfg_for(model_name, batch_size, 1000, ["trainer.threads=1"]),
+                            Path(tempfile.mkdtemp(dir=tmp)))
+    t = trainer.t
+    for _ in range(3):  # gradients exist, as at any diagnostics step after the first
+        trainer.train_step(trainer.next_batch())
+    trainer.step = t.diagnostics_every  # a diagnostics step without histograms
+    assert trainer.step % t.histogram_every and trainer.step >= t.log_every
+    inputs = probes.activation_inputs(trainer.model, trainer.probe_x)
+
+    def diagnostics() -> None:
+        t.diagnostics, t.probe_every = True, 0
+        trainer.diagnose()
+
+    def probe() -> None:
+        t.diagnostics, t.probe_every = False, trainer.step
+        trainer.diagnose()
+
+    def histograms() -> None:
+        trainer.events.histograms(trainer.step, {f"act_input/{k}": v for k, v in inputs.items()})
+        trainer.events.histograms(trainer.step, probes.bn_tensors(trainer.model))
+
+    events = {
+        "log line": lambda: trainer.log_window(trainer.epoch, trainer.loss_sum, trainer.correct,
+                                               t.log_every, 0.01),
+        "evaluation": lambda: trainer.evaluate_and_log(trainer.epoch),
+        "diagnostics": diagnostics, "histograms": histograms, "landscape probe": probe,
+    }
+    out = {}
+    for name, fn in events.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    trainer.events.close()
+    return out
+
+
+def bench_steady(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    from bnexp.config import TrainerConfig
+
+    ds, n, rows = data.load(compose([]).data), 1000, []
+    d = TrainerConfig()
+    # events in a 1,000-step run at the default cadences (step 0 diagnosed too); every
+    # diagnostic on adds a landscape probe at each diagnostics step
+    counts = {"log line": n // d.log_every, "evaluation": n // d.eval_every,
+              "diagnostics": n // d.diagnostics_every + 1,
+              "histograms": n // d.histogram_every + 1,
+              "landscape probe": n // d.diagnostics_every + 1}
+    for model_name, steps, reps in (("mlp", args.steps_mlp, args.repeats + 2),
+                                    ("cnn", max(args.steps_cnn // 3, 3), 2))[
+            : 1 if args.quick else 2]:
+        with threads(1):
+            minimal = statistics.median(minimal_step_seconds(ds, model_name, 128, steps)
+                                        for _ in range(3))
+            loop = statistics.median(loop_step_seconds(model_name, 128, steps, tmp)
+                                     for _ in range(3))
+            events = event_seconds(model_name, 128, reps, tmp)
+        default = n * loop + sum(counts[k] * events[k] for k in counts
+                                 if k != "landscape probe")
+        every = default + counts["landscape probe"] * events["landscape probe"]
+        row = {"model": model_name, "minimal loop ms/step": minimal * 1e3,
+               "bnexp loop ms/step": loop * 1e3}
+        row.update({f"{k} ms": v * 1e3 for k, v in events.items()})
+        row.update({"default logging vs minimal": n * minimal / default,
+                    "every diagnostic vs minimal": n * minimal / every,
+                    "no events vs minimal": minimal / loop})
+        rows.append(row)
     return rows
 
 

@@ -16,10 +16,10 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
     out = isolated / "bench.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "throughput",
-         "vectorized", "startup", "gpu", "--json", str(out)],
+         "steady", "vectorized", "startup", "gpu", "--json", str(out)],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for title in ("### throughput", "### vectorized", "### startup", "### gpu"):
+    for title in ("### throughput", "### steady", "### vectorized", "### startup", "### gpu"):
         assert title in result.stdout
     rows = json.loads(out.read_text())
     loops = {(r["model"], r["loop"]): r for r in rows["throughput"]}
@@ -40,6 +40,13 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
             assert 0 < low <= row["vs minimal"] <= high, row
             assert row["vs minimal, CPU time"] > 0
             assert 0 < row["best vs best"] < math.inf
+    steady = rows["steady"][0]  # a projection from medians of single iterations and events
+    loop, minimal = steady["bnexp loop ms/step"], steady["minimal loop ms/step"]
+    assert abs(steady["no events vs minimal"] - minimal / loop) < 1e-9
+    assert 0 < steady["every diagnostic vs minimal"] < steady["default logging vs minimal"] \
+        < minimal / loop  # each adds work to the same loop
+    for event in ("log line", "evaluation", "diagnostics", "histograms", "landscape probe"):
+        assert steady[f"{event} ms"] > 0
     ways = {r["way"]: r for r in rows["vectorized"]}
     assert ways["sequential"]["wall speed-up"] == 1.0 and ways["vectorized"]["wall s"] > 0
     assert ways["sequential"]["training speed-up"] == 1.0
