@@ -480,10 +480,10 @@ def bench_steady(args: argparse.Namespace, tmp: Path) -> list[dict]:
                                     ("cnn", max(args.steps_cnn // 3, 3), 2))[
             : 1 if args.quick else 2]:
         with threads(1):
-            minimal = statistics.median(minimal_step_seconds(ds, model_name, 128, steps)
-                                        for _ in range(3))
-            loop = statistics.median(loop_step_seconds(model_name, 128, steps, tmp)
-                                     for _ in range(3))
+            per_step = interleaved({
+                "minimal": partial(minimal_step_seconds, ds, model_name, 128, steps),
+                "loop": partial(loop_step_seconds, model_name, 128, steps, tmp)}, 3)
+            minimal, loop = per_step["minimal"], per_step["loop"]
             events = event_seconds(model_name, 128, reps, tmp)
         default = n * loop + sum(counts[k] * events[k] for k in counts
                                  if k != "landscape probe")
