@@ -491,6 +491,9 @@ def bench_steady(args: argparse.Namespace, tmp: Path) -> list[dict]:
         row = {"model": model_name, "minimal loop ms/step": minimal * 1e3,
                "bnexp loop ms/step": loop * 1e3}
         row.update({f"{k} ms": v * 1e3 for k, v in events.items()})
+        # the events' share, against bnexp's own loop: free of the minimal loop's noise
+        row.update({"events add, default": default / (n * loop) - 1,
+                    "events add, every diagnostic": every / (n * loop) - 1})
         row.update({"default logging vs minimal": n * minimal / default,
                     "every diagnostic vs minimal": n * minimal / every,
                     "no events vs minimal": minimal / loop})

@@ -45,6 +45,9 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
     assert abs(steady["no events vs minimal"] - minimal / loop) < 1e-9
     assert 0 < steady["every diagnostic vs minimal"] < steady["default logging vs minimal"] \
         < minimal / loop  # each adds work to the same loop
+    assert 0 < steady["events add, default"] < steady["events add, every diagnostic"]
+    assert abs((1 + steady["events add, default"]) * steady["default logging vs minimal"]
+               - minimal / loop) < 1e-9  # the same projection, two ways
     for event in ("log line", "evaluation", "diagnostics", "histograms", "landscape probe"):
         assert steady[f"{event} ms"] > 0
     ways = {r["way"]: r for r in rows["vectorized"]}
