@@ -11,7 +11,8 @@ a loop down, so the fastest round is the least disturbed one):
               (torchvision dataset + ToTensor/Normalize, 0 and 2 workers), and vs the arithmetic
               limit (FLOPs per sample x samples / the matmul rate measured here);
   steady      the same comparison in steady state, robust to the machine's noise: medians of
-              single loop iterations (bnexp's and the minimal loop's) and of single events
+              single loop iterations (bnexp's and the minimal loop's, taking turns step by
+              step) and of single events
               (log line, evaluation, diagnostics, histograms, loss-landscape probe), projected
               to a run of 1,000 steps at the default cadences;
   threads     1 vs 2 torch threads, on an idle machine and beside a busy process, and what
@@ -382,43 +383,39 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- steady
 
 
-def minimal_step_seconds(ds: data.Dataset, model_name: str, batch_size: int,
-                         steps: int) -> float:
-    """Median seconds of one iteration of the minimal loop (as in minimal_loop)."""
+def paired_step_seconds(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
+                        tmp: Path) -> tuple[float, float]:
+    """Median seconds of one minimal-loop step and of one whole iteration of Trainer.fit (with
+    no events: batch, step, accumulators, cadence checks), the two taking turns step by step
+    inside one fit: this machine's speed changes within a second, so only steps that alternate
+    see the same machine."""
     x, y = (ds.x_train.float() / 255 - 0.1307) / 0.3081, ds.y_train
     model = models.build(cfg_for(model_name, batch_size, steps).model, ds.in_shape,
                          ds.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    per_epoch, times = len(y) // batch_size, []
-    for step in range(steps):
+    per_epoch, perm = len(y) // batch_size, torch.randperm(len(y))
+    trainer = train.prepare(cfg_for(model_name, batch_size, steps, ["trainer.threads=1", *BARE]),
+                            Path(tempfile.mkdtemp(dir=tmp)))
+    step, minimal, loop, resumed = trainer.train_step, [], [], [0.0]
+
+    def alternating(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
-        if step % per_epoch == 0:
-            perm = torch.randperm(len(y))
-        idx = perm[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        if resumed[0]:
+            loop.append(start - resumed[0])  # the previous fit iteration, end to end
+        i = len(minimal) % per_epoch  # one step of the minimal loop, as in minimal_loop
+        sel = perm[i * batch_size : (i + 1) * batch_size]
+        loss = F.cross_entropy(model(x[sel]), y[sel])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
-def loop_step_seconds(model_name: str, batch_size: int, steps: int, tmp: Path) -> float:
-    """Median seconds from one step's start to the next's in Trainer.fit with no events: the
-    whole loop iteration (batch, step, accumulators, cadence checks)."""
-    trainer = train.prepare(cfg_for(model_name, batch_size, steps, ["trainer.threads=1", *BARE]),
-                            Path(tempfile.mkdtemp(dir=tmp)))
-    starts: list[float] = []
-    step = trainer.train_step
-
-    def timed(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        starts.append(time.perf_counter())
+        resumed[0] = time.perf_counter()
+        minimal.append(resumed[0] - start)
         return step(idx)
 
-    trainer.train_step = timed
+    trainer.train_step = alternating
     trainer.fit(train.StopFlag())
     trainer.events.close()
-    return statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))
+    return statistics.median(minimal[1:]), statistics.median(loop[1:])
 
 
 def event_seconds(model_name: str, batch_size: int, repeats: int,
@@ -480,10 +477,7 @@ def bench_steady(args: argparse.Namespace, tmp: Path) -> list[dict]:
                                     ("cnn", max(args.steps_cnn // 3, 3), 2))[
             : 1 if args.quick else 2]:
         with threads(1):
-            per_step = interleaved({
-                "minimal": partial(minimal_step_seconds, ds, model_name, 128, steps),
-                "loop": partial(loop_step_seconds, model_name, 128, steps, tmp)}, 3)
-            minimal, loop = per_step["minimal"], per_step["loop"]
+            minimal, loop = paired_step_seconds(ds, model_name, 128, steps, tmp)
             events = event_seconds(model_name, 128, reps, tmp)
         default = n * loop + sum(counts[k] * events[k] for k in counts
                                  if k != "landscape probe")
