@@ -415,7 +415,7 @@ class Trainer:
         random.setstate(ckpt["python_rng"])
         loss_sum, correct, self.window_steps = ckpt["window"]
         self.loss_sum, self.correct = loss_sum.to(self.device), correct.to(self.device)
-        self.grad_norms = ckpt["grad_norms"].to(self.device)
+        self.grad_norms = ckpt["grad_norms"].to(self.device, self.grad_norms.dtype)
         h = ckpt["history"]
         self.history = History(**{k: [tuple(x) if isinstance(x, list) else x for x in v]
                                   if isinstance(v, list) and k != "grad_norms" else v
