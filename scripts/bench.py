@@ -179,6 +179,20 @@ def write_mnist_raw(ds: data.Dataset, root: Path) -> None:
             struct.pack(">II", 2049, len(y)) + y.numpy().astype("uint8").tobytes())
 
 
+def plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> None:
+    """The training step most PyTorch users write (the reference loops' step)."""
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def plain_inputs(ds: data.Dataset) -> torch.Tensor:
+    """The training images as the reference loops use them: scaled and standardized once."""
+    return (ds.x_train.float() / 255 - 0.1307) / 0.3081
+
+
 def dataloader_loop(root: Path, model_name: str, batch_size: int, steps: int,
                     workers: int) -> float:
     """Samples/s of the loop most PyTorch users write."""
@@ -195,10 +209,7 @@ def dataloader_loop(root: Path, model_name: str, batch_size: int, steps: int,
     start = time.perf_counter()
     while done < steps:
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            plain_step(model, opt, x, y)
             done += 1
             if done == steps:
                 break
@@ -213,7 +224,7 @@ last_cpu_seconds = [0.0]
 def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
                  device: torch.device = torch.device("cpu")) -> float:
     """Samples/s of a hand-written loop over resident, pre-normalized tensors, no logging."""
-    x = ((ds.x_train.float() / 255 - 0.1307) / 0.3081).to(device)
+    x = plain_inputs(ds).to(device)
     y = ds.y_train.to(device)
     model = models.build(cfg_for(model_name, batch_size, steps).model, ds.in_shape,
                          ds.num_classes).to(device)
@@ -225,10 +236,7 @@ def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
         if step % per_epoch == 0:
             perm = torch.randperm(len(y), device=device)
         idx = perm[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        plain_step(model, opt, x[idx], y[idx])
     sync(device)
     last_cpu_seconds[0] = time.process_time() - cpu
     return steps * batch_size / (time.perf_counter() - start)
@@ -389,7 +397,7 @@ def paired_step_seconds(ds: data.Dataset, model_name: str, batch_size: int, step
     no events: batch, step, accumulators, cadence checks), the two taking turns step by step
     inside one fit: this machine's speed changes within a second, so only steps that alternate
     see the same machine."""
-    x, y = (ds.x_train.float() / 255 - 0.1307) / 0.3081, ds.y_train
+    x, y = plain_inputs(ds), ds.y_train
     model = models.build(cfg_for(model_name, batch_size, steps).model, ds.in_shape,
                          ds.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -404,10 +412,7 @@ def paired_step_seconds(ds: data.Dataset, model_name: str, batch_size: int, step
             loop.append(start - resumed[0])  # the previous fit iteration, end to end
         i = len(minimal) % per_epoch  # one step of the minimal loop, as in minimal_loop
         sel = perm[i * batch_size : (i + 1) * batch_size]
-        loss = F.cross_entropy(model(x[sel]), y[sel])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        plain_step(model, opt, x[sel], y[sel])
         resumed[0] = time.perf_counter()
         minimal.append(resumed[0] - start)
         return step(idx)
