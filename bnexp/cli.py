@@ -54,7 +54,8 @@ OVERRIDES use Hydra's grammar: group=option or key=value, e.g.
   model.init=default|normal  model.init_std  model.depth  model.width
   optim.lr  optim.momentum  optim.weight_decay  optim.schedule=constant|cosine|step
   trainer.epochs  trainer.steps  trainer.batch_size  trainer.eval_every
-  trainer.precision=fp32|bf16|fp64  trainer.threads=auto|N  data.normalize  data.augment
+  trainer.precision=fp32|bf16|fp64  trainer.threads=auto|N  data.augment
+  data.inputs=standardized|unit|raw|mismatched  trainer.mode_batch_sizes=[1,2,...]
   device=auto|cpu|cuda|cuda:N|mps  seed=N  hydra.run.dir=PATH
 
 Hydra flags pass through: -m/--multirun, --cfg job. See every key: bnexp config."""
@@ -293,13 +294,15 @@ def reproduce(
     list_studies: bool = typer.Option(False, "--list", help="Show the studies and claims."),
     report_only: bool = typer.Option(False, "--report-only",
                                      help="Write the report from the runs already there."),
-    vectorize: bool = typer.Option(False, "--vectorize",
-                                   help="Train compatible jobs as one stack (see sweep)."),
+    vectorize: bool = typer.Option(True, "--vectorize/--no-vectorize",
+                                   help="Train the seeds and LRs of a variant as one stack "
+                                        "(see sweep); on by default."),
 ) -> None:
-    """Run a classic BN study and write report.md with a verdict per claim.
+    """Run a classic BN study and write report.md and verdicts.json with a verdict per claim.
 
     bnexp reproduce NAME [OVERRIDES]: runs configs/experiment/NAME.yaml as a resumable sweep
-    into outputs/studies/NAME, then writes report.md and figures there. `scale=paper` runs the
+    into outputs/studies/NAME, then writes report.md, verdicts.json and figures there; each
+    verdict comes from paired seeds with a 95% interval. `scale=paper` runs the
     paper-sized version (full datasets; a GPU is advised). `bnexp reproduce --list` shows the
     studies and the claims each tests.
     """
@@ -307,17 +310,18 @@ def reproduce(
     from bnexp import sweep as sweeps
     from bnexp.config import group_options
     from bnexp.runs import find
+    from bnexp.studies import STUDIES
 
     args = list(ctx.args)
     if list_studies or not args:
-        for name, study in rep.STUDIES.items():
+        for name, study in STUDIES.items():
             typer.echo(f"{name}: {study.title}")
             for claim in study.claim_texts:
                 typer.echo(f"    - {claim}")
         raise typer.Exit(0 if list_studies else EXIT_BAD_INPUT)
     name, overrides = args[0], args[1:]
-    if name not in rep.STUDIES:
-        _error(f"unknown study {name!r}. Allowed: {', '.join(rep.STUDIES)} (see --list).")
+    if name not in STUDIES:
+        _error(f"unknown study {name!r}. Allowed: {', '.join(STUDIES)} (see --list).")
         raise typer.Exit(EXIT_BAD_INPUT)
     scale = [o for o in overrides if o.startswith("scale=")]
     overrides = [o for o in overrides if not o.startswith("scale=")]
@@ -347,8 +351,9 @@ def reproduce(
                                 manifest.get("command", f"bnexp reproduce {name}"), manifest)
     typer.echo("")
     for v in verdicts:
-        typer.echo(f"{v.verdict:>14}  {v.claim}\n{'':>16}{v.measured}")
-    typer.echo(f"\nreport: {path}")
+        typer.echo(f"{v.verdict:>14}  {v.claim}\n{'':>16}{v.measured}"
+                   + (f"\n{'':>16}{v.reason}" if v.reason else ""))
+    typer.echo(f"\nreport: {path}\nverdicts: {path.parent / rep.VERDICTS}")
     raise typer.Exit(code)
 
 

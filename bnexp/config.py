@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # omegaconf is imported where used: `bnexp --help` stays fast
 GROUPS = ("data", "model", "optim", "trainer", "experiment")
 
 DATASETS = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
+INPUTS = ("standardized", "unit", "raw", "mismatched")  # data.inputs, see data.Inputs
 MODELS = ("mlp", "cnn", "vgg", "resnet")
 NORMS = ("batch", "none")  # the block factory is keyed on this; "layer"/"group" slot in here
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
@@ -41,8 +42,10 @@ class DataConfig:
     # Where torchvision datasets are downloaded once and read from.
     root: str = "${oc.env:BNEXP_DATA,data}"
     download: bool = True
-    # Standardize inputs with the dataset's per-channel mean/std (off = an ablation of its own).
-    normalize: bool = True
+    # What the model is fed: standardized (per-channel mean/std of the training split), unit
+    # (pixels / 255), raw (pixels 0-255) or mismatched (standardized, then each feature scaled
+    # by a fixed factor between 0.01 and 100): the input-normalization ablations.
+    inputs: str = "standardized"
     # Random crop (padding 4) + horizontal flip, batched on the device.
     augment: bool = False
     # mnist5k only: held-out fraction of the stratified split, and the split's own seed, fixed
@@ -134,6 +137,10 @@ class TrainerConfig:
     # Loss-landscape probes (Santurkar et al. 2018) every N steps; 0 = off.
     probe_every: int = 0
     probe_step_sizes: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    # After training: validation accuracy in BN's eval and train modes at each of these eval
+    # batch sizes, and each BN layer's running statistics against its input's statistics over
+    # the whole training set (the train_eval_modes study); empty = off.
+    mode_batch_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -360,6 +367,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.name": _one_of(DATASETS),
     "data.val_fraction": (lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
     "data.train_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
+    "data.inputs": _one_of(INPUTS),
     "model.name": _one_of(MODELS),
     "model.depth": (_positive_int, "an integer >= 1"),
     "model.width": (_positive_int, "an integer >= 1"),
@@ -408,6 +416,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.histogram_every": (_positive_int, "an integer >= 1 (steps)"),
     "trainer.probe_batch_size": (lambda v: _positive_int(v) and v >= 2, "an integer >= 2"),
     "trainer.probe_every": (lambda v: isinstance(v, int) and v >= 0, "0 (off) or steps >= 1"),
+    "trainer.mode_batch_sizes": (
+        lambda v: all(_positive_int(x) for x in v), "a list of integers >= 1 (may be empty)"),
     "trainer.probe_step_sizes": (
         lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of numbers > 0"),
     "device": (

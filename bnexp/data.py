@@ -214,18 +214,31 @@ def load(cfg: DictConfig) -> Dataset:
 # ----------------------------------------------------------------------------- batches
 
 
-class Inputs:
-    """Turns uint8 batches into model inputs: optional augmentation, then standardization."""
+# data.inputs=mismatched: each feature's scale is 10**u, u uniform in [-2, 2], drawn once with
+# this seed, so every run (any seed, any variant) sees the same badly conditioned inputs.
+MISMATCH_DECADES, MISMATCH_SEED = 2.0, 0
 
-    def __init__(self, ds: Dataset, normalize: bool, dtype: torch.dtype = torch.float32):
-        shape = (1, -1, 1, 1)
-        std = ds.std if normalize else torch.ones_like(ds.std)
-        mean = ds.mean if normalize else torch.zeros_like(ds.mean)
+
+class Inputs:
+    """Turns uint8 batches into model inputs (data.inputs): standardized with the training
+    split's per-channel mean/std, pixels / 255 (unit), pixels 0-255 (raw), or standardized
+    and then each feature scaled by its own fixed factor (mismatched)."""
+
+    def __init__(self, ds: Dataset, mode: str = "standardized",
+                 dtype: torch.dtype = torch.float32):
+        one = torch.ones_like(ds.std)
+        std = {"standardized": ds.std, "mismatched": ds.std, "unit": one, "raw": one / 255}[mode]
+        mean = ds.mean if mode in ("standardized", "mismatched") else torch.zeros_like(ds.mean)
         # x/255 then (x - mean)/std folded into one multiply and one add (in place: 3x faster
         # than one out-of-place addcmul on MNIST batches here).
-        self.scale = (1 / (255 * std)).reshape(shape).to(dtype)
-        self.shift = (-mean / std).reshape(shape).to(dtype)
-        self.dtype = dtype
+        scale = (1 / (255 * std)).reshape(1, -1, 1, 1)
+        shift = (-mean / std).reshape(1, -1, 1, 1)
+        if mode == "mismatched":
+            g = torch.Generator().manual_seed(MISMATCH_SEED)
+            u = torch.rand((1, *ds.in_shape), generator=g) * 2 - 1
+            factor = (10 ** (MISMATCH_DECADES * u)).to(std.device)
+            scale, shift = scale * factor, shift * factor
+        self.scale, self.shift, self.dtype = scale.to(dtype), shift.to(dtype), dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype).mul_(self.scale).add_(self.shift)

@@ -35,6 +35,21 @@ def value_at_fraction(series: Series, total_steps: int, fraction: float) -> floa
     return before[-1] if before else None
 
 
+def curve_area(series: Series, total_steps: int) -> float | None:
+    """Area under a curve per step of the budget: trapezoids between logged points, the first
+    value held back to step 0. For validation accuracy 1.0 means perfect from the start.
+    Missing values (a diverged run's NaN) count as 0, and so does the budget after a run's
+    last point: a run that stopped early learned nothing more."""
+    points = [(s, v if v is not None and math.isfinite(v) else 0.0) for s, v in series]
+    if not points or total_steps <= 0:
+        return None
+    area, (prev_s, prev_v) = points[0][1] * points[0][0], points[0]
+    for s, v in points[1:]:
+        area += (s - prev_s) * (prev_v + v) / 2
+        prev_s, prev_v = s, v
+    return area / total_steps
+
+
 def mean_value(series: Series) -> float | None:
     """Mean of the logged values: for the training loss, an area under the curve per step."""
     values = [v for _, v in series]

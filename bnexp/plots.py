@@ -252,3 +252,96 @@ def layer_gradient_figure(runs: list[Run]) -> Any:
         ax.set_yscale("log")
 
     return _bn_panels(runs, draw, "gradient norm of the layer's weights")
+
+
+def _seed_mean(series: list[list[tuple[int, float | None]]]) -> tuple[list, list, list]:
+    return mean_curve([[(s, v) for s, v in one if v is not None] for one in series if one])
+
+
+def loss_curves_figure(runs: list[Run], metric: str = "best_val_acc") -> Any:
+    """Training loss over steps per variant at its best LR (seed mean ± std), log scale: how
+    fast each input scaling and norm setting brings the loss down."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, variants = group(runs)
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    for label, points in variants.items():
+        best = metrics.lr_stats({lr: [r.metrics for r in rs] for lr, rs in points.items()},
+                                metric, 0.0)["best_lr"]
+        chosen = points.get(best) or next(iter(points.values()))
+        steps, means, stds = _seed_mean([r.curves.get("train_loss", []) for r in chosen])
+        if steps:
+            _band(ax, steps, means, stds, f"{label}, lr={best:g}" if best else label,
+                  markers=False)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss at each variant's best LR (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def modes_figure(runs: list[Run]) -> Any:
+    """Validation accuracy against the eval batch size, in eval mode (running statistics)
+    and train mode (each batch's statistics), seed mean ± std; a batch size that train mode
+    refused is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({int(k.rsplit("bs", 1)[1]) for r in runs for k in r.metrics
+                    if k.startswith("modes_eval_acc_bs")})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for mode, label in (("eval", "eval mode (running statistics)"),
+                        ("train", "train mode (batch statistics)")):
+        xs, means, stds = [], [], []
+        for size in sizes:
+            mean, std, n = metrics.mean_std([r.metrics.get(f"modes_{mode}_acc_bs{size}")
+                                             for r in runs])
+            if n:
+                xs.append(size)
+                means.append(mean)
+                stds.append(std)
+            elif mode == "train":
+                ax.annotate("refused", (size, 0.1), ha="center", fontsize=8, color="C1")
+        if xs:
+            _band(ax, xs, means, stds, label)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("eval batch size")
+    ax.set_ylabel("val accuracy")
+    ax.set_title("BN's two modes against the eval batch size", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def running_statistics_figure(runs: list[Run]) -> Any:
+    """Per BN layer, how far the running mean and variance are from the population
+    statistics of the layer's input (seed mean ± std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({int(k.rsplit("_bn", 1)[1]) for r in runs for k in r.metrics
+                     if k.startswith("running_mean_error_bn")})
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    width = 0.38
+    for offset, (key, label) in zip((-width / 2, width / 2), (
+            ("running_mean_error_bn", "mean: error / population std"),
+            ("running_var_rel_error_bn", "variance: relative error"))):
+        stats = [metrics.mean_std([r.metrics.get(f"{key}{i}") for r in runs]) for i in layers]
+        ax.bar([i + offset for i in layers], [m or 0 for m, _, _ in stats], width,
+               yerr=[s or 0 for _, s, _ in stats], label=label, capsize=3)
+    ax.set_xticks(layers, [f"bn{i}" for i in layers])
+    ax.set_ylabel("RMS over features")
+    ax.set_title("running statistics vs population statistics of each BN input", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return fig

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnexp import metrics
+from bnexp.data import eval_batches
 from bnexp.models import ACTIVATIONS, norm_layers
 
 ACTIVATION_TYPES = tuple(ACTIVATIONS.values())
@@ -189,6 +190,90 @@ def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
     if not has_bn:
         notes["train_eval_gap"] = "no BN layers: train and eval mode compute the same function"
     return out, notes
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, x: torch.Tensor, inputs, batch_size: int,
+                train_mode: bool) -> torch.Tensor:
+    """Predicted classes in eval mode or train mode, batch_size samples at a time (the last
+    batch may be smaller; in train mode a last batch of one joins the one before)."""
+    out = []
+    with untouched(model, parameters=False):
+        model.train(train_mode)
+        for s in _chunks(len(x), batch_size) if train_mode else eval_batches(len(x), batch_size):
+            out.append(model(inputs(x[s])).argmax(1))
+    return torch.cat(out)
+
+
+def mode_study(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
+               batch_sizes: list[int]) -> tuple[dict, dict]:
+    """BN's two modes over eval batch sizes: accuracy in eval mode (running statistics) and in
+    train mode (each batch's own statistics) at each size, and the fraction of predictions
+    that change against the largest size in the same mode. Train mode with batches of one is
+    recorded as refused when BN cannot normalize a single sample."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
+    x, y = x[order], y[order]  # train-mode batches must not follow the split's class order
+    sizes = sorted(set(batch_sizes))
+    out: dict[str, float | None] = {}
+    notes: dict[str, str] = {}
+    for mode, train_mode in (("eval", False), ("train", True)):
+        reference = predictions(model, x, inputs, sizes[-1], train_mode)
+        for size in sizes:
+            key = f"modes_{mode}_acc_bs{size}"
+            try:
+                pred = predictions(model, x, inputs, size, train_mode)
+            except ValueError as exc:  # BatchNorm1d in train mode, one sample per batch
+                out[key] = out[f"modes_{mode}_changed_bs{size}"] = None
+                notes[key] = ("refused: a batch of one sample has zero variance per feature, "
+                              f"so BN cannot normalize it ({str(exc).splitlines()[0]})")
+                continue
+            out[key] = (pred == y).float().mean().item()
+            out[f"modes_{mode}_changed_bs{size}"] = (pred != reference).float().mean().item()
+    return out, notes
+
+
+@torch.no_grad()
+def population_statistics(model: nn.Module, x: torch.Tensor, inputs,
+                          batch_size: int = 1000) -> dict[str, float]:
+    """Each BN layer's running mean/var against the mean/var of its input over all of x in
+    eval mode (what the layer sees at inference), per layer (bn1, bn2, ...): the mean's error
+    in units of the population standard deviation, and the variance's relative error, each
+    the root mean square over the layer's features. Both are the errors BN's normalized
+    output inherits: a shift of that many standard deviations, a scale off by that fraction."""
+    layers = norm_layers(model)
+    sums: dict[int, list] = {}
+
+    def hook(i: int):
+        def record(_module: nn.Module, args: tuple) -> None:
+            z = args[0].double()
+            dims = [d for d in range(z.dim()) if d != 1]
+            acc = sums.setdefault(i, [0, 0.0, 0.0])
+            acc[0] += z.numel() // z.shape[1]
+            acc[1] = acc[1] + z.sum(dims)
+            acc[2] = acc[2] + (z * z).sum(dims)
+        return record
+
+    hooks = [bn.register_forward_pre_hook(hook(i)) for i, (_, bn) in enumerate(layers, 1)]
+    try:
+        with untouched(model, parameters=False):
+            model.eval()
+            for s in eval_batches(len(x), batch_size):
+                model(inputs(x[s]))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for i, (_, bn) in enumerate(layers, 1):
+        if bn.running_mean is None or i not in sums:
+            continue
+        n, total, squares = sums[i]
+        mean = total / n
+        var = (squares / n - mean * mean).clamp_min(1e-12)
+        mean_err = (bn.running_mean.double() - mean) / var.sqrt()
+        var_err = bn.running_var.double() / var - 1
+        out[f"running_mean_error_bn{i}"] = mean_err.square().mean().sqrt().item()
+        out[f"running_var_rel_error_bn{i}"] = var_err.square().mean().sqrt().item()
+    return out
 
 
 # ----------------------------------------------------------------------------- landscape

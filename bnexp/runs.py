@@ -23,6 +23,7 @@ class Run:
     config: dict[str, Any]  # flat: {"optim.lr": 0.1, ...}
     metrics: dict[str, Any]
     notes: dict[str, str] = field(default_factory=dict)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> (step, v)
 
     @property
     def seed(self) -> Any:
@@ -54,7 +55,9 @@ def find(paths: list[Path]) -> list[Run]:
                 continue
             found.append(Run(file.parent, body.get("status", "unknown"),
                              flatten(body.get("config", {})), body.get("metrics", {}),
-                             body.get("notes", {})))
+                             body.get("notes", {}),
+                             {tag: [(int(s), v) for s, v in points]
+                              for tag, points in (body.get("curves") or {}).items()}))
     return sorted(found, key=lambda r: str(r.path))
 
 

@@ -176,7 +176,7 @@ class Trainer:
         # A plain dataclass: DictConfig attribute reads cost ~50 us each, many per step.
         self.cfg, self.t = cfg, OmegaConf.to_object(cfg.trainer)
         self.device, self.ds, self.model = device, ds, model
-        self.inputs = data.Inputs(ds, cfg.data.normalize, next(model.parameters()).dtype)
+        self.inputs = data.Inputs(ds, cfg.data.inputs, next(model.parameters()).dtype)
         self.augment = bool(cfg.data.augment)
         # Standardize the training set once when no batch is augmented: converting and scaling
         # each uint8 batch cost ~0.4 ms of a ~4 ms MLP step here.
@@ -624,6 +624,9 @@ def finish(trainer: Trainer, status: str, error: str | None = None,
                         trainer.steps_per_epoch, trainer.target,
                         time.perf_counter() - trainer.run_started)
     summary["lr"] = trainer.lr
+    summary["train_samples"], summary["val_samples"] = len(trainer.ds.y_train), len(
+        trainer.ds.y_val)
+    summary["num_classes"] = trainer.ds.num_classes
     summary["setup_seconds"] = None if trainer.resumed else trainer.setup_seconds
     if status in ("completed", "diverged"):
         modes, found = probes.mode_comparison(
@@ -631,6 +634,14 @@ def finish(trainer: Trainer, status: str, error: str | None = None,
             cfg.trainer.batch_size, bs1_samples=100 if cfg.trainer.diagnostics else 0)
         summary.update(modes)
         notes.update(found)
+        if cfg.trainer.mode_batch_sizes:
+            ds = trainer.ds
+            modes, found = probes.mode_study(trainer.model, ds.x_val, ds.y_val, trainer.inputs,
+                                             list(cfg.trainer.mode_batch_sizes))
+            summary.update(modes)
+            notes.update(found)
+            summary.update(probes.population_statistics(trainer.model, ds.x_train,
+                                                        trainer.inputs))
     trainer.events.hparams(trainer.step, trainer.config, summary)
     trainer.events.close()
     if cfg.trainer.checkpoint and status in ("completed", "diverged"):
@@ -639,6 +650,11 @@ def finish(trainer: Trainer, status: str, error: str | None = None,
     if notes:
         extra["notes"] = notes
     extra["config_hash"] = config_hash(cfg)
+    # The curves a verdict compares across runs (steps to a level both variants reach, area
+    # under the accuracy curve), so that every number of a report traces to summary.json.
+    h = trainer.history
+    extra["curves"] = {"val_acc": h.val_acc, "val_loss": h.val_loss, "train_loss": h.train_loss,
+                       "train_acc": h.train_acc}
     path = record.write_summary(run_dir, status, trainer.config, summary, trainer.env, **extra)
     return record.read_summary(path.parent)
 

@@ -67,9 +67,11 @@ def make_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> dict[str, di
     return batches
 
 
-def write_summary(run_dir: Path, status: str = "completed", **config_and_metrics) -> Path:
+def write_summary(run_dir: Path, status: str = "completed", curves: dict | None = None,
+                  notes: dict | None = None, **config_and_metrics) -> Path:
     """A hand-made run directory: summary.json only, in the format bnexp writes.
-    Keys with a dot go into the config (optim.lr=0.1), the rest into metrics."""
+    Keys with a dot go into the config (optim.lr=0.1), the rest into metrics; curves are
+    {tag: [(step, value), ...]} as bnexp records them."""
     import json
 
     config: dict = {}
@@ -85,5 +87,6 @@ def write_summary(run_dir: Path, status: str = "completed", **config_and_metrics
             metrics[key] = value
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(
-        {"status": status, "config": config, "metrics": metrics, "env": {}}))
+        {"status": status, "config": config, "metrics": metrics, "env": {},
+         "curves": curves or {}, "notes": notes or {}}))
     return run_dir

@@ -77,7 +77,7 @@ def test_the_same_steps_on_the_gpu_and_the_cpu_agree_in_float64() -> None:
     base = models.build(cfg.model, ds.in_shape, ds.num_classes).double()
     batches = torch.randint(0, len(ds.y_train), (30, 32),
                             generator=torch.Generator().manual_seed(1))
-    x_all = data.Inputs(ds, True, torch.float64)(ds.x_train)
+    x_all = data.Inputs(ds, "standardized", torch.float64)(ds.x_train)
     states = {}
     for name in ("cpu", "cuda"):
         device = torch.device(name)

@@ -103,11 +103,28 @@ def test_corrupt_cifar_batch_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_inputs_standardize_with_the_training_mean_and_std() -> None:
     ds = data.load(data_cfg("mnist5k"))
-    x = data.Inputs(ds, normalize=True)(ds.x_train)
+    x = data.Inputs(ds, "standardized")(ds.x_train)
     assert x.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert x.std().item() == pytest.approx(1.0, abs=1e-3)
-    raw = data.Inputs(ds, normalize=False)(ds.x_train[:10])
-    assert torch.allclose(raw, ds.x_train[:10].float() / 255)
+    unit = data.Inputs(ds, "unit")(ds.x_train[:10])
+    assert torch.allclose(unit, ds.x_train[:10].float() / 255)
+    raw = data.Inputs(ds, "raw")(ds.x_train[:10])
+    assert torch.equal(raw, ds.x_train[:10].float())
+
+
+def test_mismatched_inputs_scale_each_feature_by_a_fixed_factor_over_four_decades() -> None:
+    ds = data.load(data_cfg("mnist5k"))
+    standard = data.Inputs(ds, "standardized")(ds.x_train[:200])
+    mismatched = data.Inputs(ds, "mismatched")(ds.x_train[:200])
+    again = data.Inputs(ds, "mismatched")(ds.x_train[:200])
+    assert torch.equal(mismatched, again)  # the same factors for every run
+    ratio = (mismatched / standard).where(standard.abs() > 0.5, torch.nan).numpy()
+    seen = ~np.isnan(ratio).all(0)  # features with a clearly nonzero standardized value
+    hi, lo = np.nanmax(ratio, 0)[seen], np.nanmin(ratio, 0)[seen]
+    assert np.allclose(hi / lo, 1.0, rtol=1e-4)  # one fixed factor per feature
+    factor = torch.from_numpy(hi)
+    assert factor.min() >= 0.0099 and factor.max() <= 101
+    assert factor.max() / factor.min() > 1000  # the scales span (nearly) four decades
 
 
 def test_augment_crops_and_flips_each_image_on_its_own() -> None:

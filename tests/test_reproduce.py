@@ -3,6 +3,7 @@ and a tiny end-to-end study writes a report with one row per claim."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,23 +11,24 @@ import pytest
 from conftest import make_cifar10, write_summary
 from typer.testing import CliRunner
 
-from bnexp import reproduce as rep
+from bnexp import studies
 from bnexp.cli import app
 from bnexp.runs import find
 
 runner = CliRunner()
 GRIDS = {  # jobs per study: the product of its swept values
-    "ioffe2015_fig1": 2 * 3, "lr_stability": 9 * 2 * 2 * 3, "affine_ablation": 2 * 2 * 3,
-    "batch_size": 5 * 2 * 3, "bn_position": 2 * 2 * 3, "sigmoid_saturation": 2 * 3,
-    "santurkar2018_vgg": 2 * 2 * 2,
+    "ioffe2015_fig1": 2 * 5, "lr_stability": 9 * 2 * 2 * 5, "affine_ablation": 2 * 2 * 5,
+    "batch_size": 5 * 2 * 5, "bn_position": 2 * 2 * 5, "sigmoid_saturation": 2 * 5,
+    "santurkar2018_vgg": 2 * 2 * 2, "input_normalization": 3 * 2 * 6 * 5,
+    "train_eval_modes": 5,
 }
 
 
 def test_every_study_has_a_config_and_claims() -> None:
-    assert set(GRIDS) == set(rep.STUDIES)
+    assert set(GRIDS) == set(studies.STUDIES)
     result = runner.invoke(app, ["reproduce", "--list"])
     assert result.exit_code == 0
-    for name, study in rep.STUDIES.items():
+    for name, study in studies.STUDIES.items():
         assert name in result.output
         assert all(claim in result.output for claim in study.claim_texts)
 
@@ -43,63 +45,140 @@ def test_dry_run_lists_the_expected_grid(name: str, scale: str, isolated: Path) 
         "summary.json"))
 
 
-def runs_with(tmp: Path, metric: str, bn: list[float], plain: list[float], **extra) -> list:
-    for norm, vals in (("batch", bn), ("none", plain)):
-        for seed, v in enumerate(vals):
-            write_summary(tmp / f"norm={norm},seed={seed}", **{
-                "model.norm": norm, "seed": seed, metric: v, "steps": 1000, **extra})
+def curve(reach: int, final: float, steps: int = 480, every: int = 40) -> list:
+    """A val-accuracy curve at 0.5 until step `reach`, then at `final`."""
+    return [(s, 0.5 if s < reach else final) for s in range(every, steps + 1, every)]
+
+
+def ioffe_runs(tmp: Path, bn: list, plain: list, final=(0.92, 0.92), train_acc=0.95) -> list:
+    """Hand-made ioffe2015_fig1 runs: per variant, per seed, the step it jumps to its final
+    accuracy (None: a seed missing from that variant)."""
+    for norm, reaches, acc in (("batch", bn, final[0]), ("none", plain, final[1])):
+        for seed, reach in enumerate(reaches):
+            if reach is None:
+                continue
+            write_summary(tmp / f"norm={norm},seed={seed}", curves={"val_acc": curve(reach, acc)},
+                          **{"model.norm": norm, "seed": seed, "trainer.steps": 480,
+                             "steps": 480, "final_val_acc": acc, "best_val_acc": acc,
+                             "final_train_acc": train_acc, "train_samples": 4000,
+                             "act_input_drift": 0.7 if norm == "batch" else 1.7 + 0.01 * seed})
     return find([tmp])
 
 
+def claim(verdicts: list, id: str):
+    return next(v for v in verdicts if v.id == id)
+
+
 @pytest.mark.parametrize("bn,plain,verdict", [
-    ([100, 120, 110], [400, 420, 410], rep.HOLDS),
-    ([400, 420, 410], [100, 120, 110], rep.FAILS),
-    ([100, 500, 300], [300, 320, 280], rep.UNSURE),  # inside the seed spread
-    ([100, 120, 500], [110, 115, 400], rep.UNSURE),  # seeds disagree
+    ([40, 80, 40, 80, 40], [400, 440, 360, 400, 480], studies.HOLDS),
+    ([400, 440, 360, 400, 480], [40, 80, 40, 80, 40], studies.FAILS),
+    ([40, 440, 80, 400, 120], [400, 80, 360, 120, 440], studies.UNSURE),  # seeds disagree
 ])
-def test_directional_verdicts_on_hand_made_summaries(tmp_path: Path, bn, plain, verdict) -> None:
-    runs = runs_with(tmp_path, "steps_to_target", bn, plain)
-    first = rep.STUDIES["ioffe2015_fig1"].claims(runs)[0]
-    assert first.verdict == verdict
-    assert len(first.runs) == 6
+def test_convergence_is_a_paired_steps_ratio(tmp_path: Path, bn, plain, verdict) -> None:
+    verdicts = studies.STUDIES["ioffe2015_fig1"].claims(ioffe_runs(tmp_path, bn, plain))
+    steps = claim(verdicts, "convergence.steps")
+    assert steps.verdict == verdict and steps.effect.n == 5
+    expected = [p / b for b, p in zip(bn, plain)]
+    assert steps.effect.per_seed == pytest.approx(dict(enumerate(expected)))
+    assert "95% CI" in steps.measured and len(steps.runs) == 10
+    auc = claim(verdicts, "convergence.auc")
+    assert auc.verdict == verdict  # the earlier jump is the larger area, seed by seed
 
 
-def test_never_reaching_the_target_counts_as_slower(tmp_path: Path) -> None:
-    runs = runs_with(tmp_path, "steps_to_target", [300, 310, 320], [None, None, None])
-    assert rep.STUDIES["ioffe2015_fig1"].claims(runs)[0].verdict == rep.HOLDS
+def test_a_seed_missing_from_one_variant_is_left_out_and_named(tmp_path: Path) -> None:
+    runs = ioffe_runs(tmp_path, [40, 80, 40, 80, 40], [400, 440, 360, 400, None])
+    steps = claim(studies.STUDIES["ioffe2015_fig1"].claims(runs), "convergence.steps")
+    assert steps.effect.n == 4 and steps.effect.unpaired == [4]
+    assert "unpaired seeds left out: [4]" in steps.measured
+    assert steps.verdict == studies.HOLDS
+
+
+def test_a_worse_optimum_is_reported_with_its_reason(tmp_path: Path) -> None:
+    runs = ioffe_runs(tmp_path, [40] * 5, [400] * 5, final=(0.91, 0.93), train_acc=0.99)
+    verdicts = studies.STUDIES["ioffe2015_fig1"].claims(runs)
+    best = claim(verdicts, "optimum.best")
+    assert best.verdict == studies.FAILS
+    assert "generalization on 4,000 training images" in best.reason
+    # Still faster: the level is 95% of the lower final accuracy, which both reach.
+    assert claim(verdicts, "convergence.steps").verdict == studies.HOLDS
 
 
 @pytest.mark.parametrize("on,off,verdict", [
-    ([0.95, 0.951], [0.946, 0.947], rep.HOLDS),
-    ([0.95, 0.951], [0.90, 0.901], rep.FAILS),
-    ([0.95, 0.99], [0.93, 0.94], rep.UNSURE),
+    ([0.950, 0.951, 0.949, 0.952], [0.948, 0.950, 0.949, 0.950], studies.HOLDS),
+    ([0.95, 0.96, 0.955, 0.951], [0.90, 0.91, 0.905, 0.902], studies.FAILS),
+    ([0.95, 0.93, 0.96, 0.94], [0.94, 0.95, 0.93, 0.95], studies.UNSURE),
 ])
-def test_matters_little_rule(tmp_path: Path, on, off, verdict) -> None:
+def test_matters_little_is_an_equivalence_test(tmp_path: Path, on, off, verdict) -> None:
     for affine, vals in ((True, on), (False, off)):
         for seed, v in enumerate(vals):
             write_summary(tmp_path / f"a={affine},s={seed}", **{
                 "model.affine": affine, "model.activation": "relu", "seed": seed,
                 "final_val_acc": v})
-    relu = rep.STUDIES["affine_ablation"].claims(find([tmp_path]))[0]
-    assert relu.verdict == verdict and "relu" in relu.claim
+    [relu] = studies.STUDIES["affine_ablation"].claims(find([tmp_path]))
+    assert relu.verdict == verdict and "relu" in relu.claim and "±0.01" in relu.rule
 
 
-def test_lr_verdicts_on_a_hand_made_grid(tmp_path: Path) -> None:
-    def run(norm: str, lr: float, acc: float, diverged: bool = False) -> None:
-        write_summary(tmp_path / f"{norm}-{lr}", "diverged" if diverged else "completed", **{
-            "model.norm": norm, "model.activation": "relu", "optim.lr": lr, "seed": 0,
-            "final_val_acc": acc, "diverged": diverged,
-            "steps_to_target": None if diverged or acc < 0.9 else 10})
+def lr_grid(tmp: Path, accs: dict) -> list:
+    """accs: (norm, lr) -> final accuracy per seed (None = diverged)."""
+    for (norm, lr), per_seed in accs.items():
+        for seed, acc in enumerate(per_seed):
+            write_summary(tmp / f"{norm}-{lr}-{seed}", "diverged" if acc is None else
+                          "completed", **{"model.norm": norm, "model.activation": "relu",
+                                          "optim.lr": lr, "seed": seed, "num_classes": 10,
+                                          "final_val_acc": 0.1 if acc is None else acc,
+                                          "diverged": acc is None})
+    return find([tmp])
 
-    for lr, acc in ((0.01, 0.9), (0.1, 0.95), (1.0, 0.95), (10.0, 0.95)):
-        run("batch", lr, acc)
-    for lr, acc, boom in ((0.01, 0.92, False), (0.1, 0.95, False), (1.0, 0.1, True),
-                          (10.0, 0.1, True)):
-        run("none", lr, acc, boom)
-    stable, wider = [v for v in rep.STUDIES["lr_stability"].claims(find([tmp_path]))
-                     if "relu" in v.claim]
-    assert stable.verdict == rep.HOLDS and "ratio 100x" in stable.measured
-    assert wider.verdict == rep.HOLDS
+
+def test_max_stable_lr_per_seed_and_for_every_seed(tmp_path: Path) -> None:
+    runs = lr_grid(tmp_path, {
+        ("batch", 0.01): [0.9] * 3, ("batch", 0.1): [0.95] * 3, ("batch", 1.0): [0.93] * 3,
+        ("batch", 10.0): [None] * 3,
+        ("none", 0.01): [0.92] * 3, ("none", 0.1): [0.95] * 3, ("none", 1.0): [None] * 3,
+        ("none", 10.0): [None] * 3})
+    stable, wider = studies.STUDIES["lr_stability"].claims(runs)
+    assert stable.verdict == studies.HOLDS and stable.effect.estimate == pytest.approx(10)
+    assert "BN stable up to 1" in stable.measured and "no BN stable up to 0.1" in stable.measured
+    assert "ratio 10×" in stable.measured
+    assert wider.verdict == studies.UNSURE  # each seed of each variant: one good LR, 0 decades
+
+
+def test_a_variant_stable_nowhere_gets_a_bound_not_na(tmp_path: Path) -> None:
+    runs = lr_grid(tmp_path, {
+        ("batch", 0.01): [0.9] * 3, ("batch", 0.1): [0.95] * 3,
+        ("none", 0.01): [0.1, 0.1, 0.9], ("none", 0.1): [None, 0.1, None]})
+    [stable, _] = studies.STUDIES["lr_stability"].claims(runs)
+    assert "no BN stable at no LR of the grid (≥ 0.01)" in stable.measured
+    assert "n/a" not in stable.measured
+    assert "no BN seeds [0, 1] train at no LR: counted at the lowest LR 0.01" in stable.reason
+
+
+def mode_runs(tmp: Path, eval_changed: float) -> list:
+    for seed in range(4):
+        write_summary(tmp / f"seed={seed}", notes={"modes_train_acc_bs1": "refused: ..."}, **{
+            "model.norm": "batch", "seed": seed,
+            "modes_eval_acc_bs1": 0.95, "modes_eval_changed_bs1": eval_changed,
+            "modes_eval_acc_bs1000": 0.95, "modes_eval_changed_bs1000": 0.0,
+            "modes_train_acc_bs1": None, "modes_train_changed_bs1": None,
+            "modes_train_acc_bs2": 0.4 + 0.01 * seed, "modes_train_changed_bs2": 0.5,
+            "modes_train_acc_bs1000": 0.95, "modes_train_changed_bs1000": 0.0,
+            "running_mean_error_bn1": 0.03 + 0.005 * seed, "running_var_rel_error_bn1": 0.05,
+            "running_mean_error_bn2": 0.02, "running_var_rel_error_bn2": 0.3 + 0.01 * seed})
+    return find([tmp])
+
+
+def test_train_eval_mode_claims(tmp_path: Path) -> None:
+    verdicts = studies.STUDIES["train_eval_modes"].claims(mode_runs(tmp_path, 0.0))
+    assert {v.id: v.verdict for v in verdicts} == {
+        "modes.eval_independent": studies.HOLDS, "modes.train_depends": studies.HOLDS,
+        "modes.batch_of_one": studies.HOLDS, "modes.running_mean": studies.HOLDS,
+        "modes.running_var": studies.FAILS}  # bn2's variance is 30% off: beyond 0.1
+    assert "bn1 0.0375" in claim(verdicts, "modes.running_mean").measured
+
+
+def test_eval_mode_predictions_that_move_with_the_batch_fail_the_claim(tmp_path: Path) -> None:
+    verdicts = studies.STUDIES["train_eval_modes"].claims(mode_runs(tmp_path, 0.05))
+    assert claim(verdicts, "modes.eval_independent").verdict == studies.FAILS
 
 
 def test_tiny_study_writes_a_report_with_one_row_per_claim(isolated: Path) -> None:
@@ -110,11 +189,25 @@ def test_tiny_study_writes_a_report_with_one_row_per_claim(isolated: Path) -> No
     study_dir = isolated / "outputs" / "studies" / "ioffe2015_fig1"
     report = (study_dir / "report.md").read_text()
     rows = [ln for ln in report.splitlines() if ln.startswith("| ") and "**" in ln]
-    assert len(rows) == 2
-    assert all(any(v in row for v in (rep.HOLDS, rep.FAILS, rep.UNSURE)) for row in rows)
+    body = json.loads((study_dir / "verdicts.json").read_text())
+    assert len(rows) == len(body["claims"]) == 7
+    assert all(any(v in row for v in (studies.HOLDS, studies.FAILS, studies.UNSURE))
+               for row in rows)
     for png in re.findall(r"\(plots/(\S+\.png)\)", report):
         assert (study_dir / "plots" / png).is_file()
     assert "percentiles.png" in report
+    steps = next(c for c in body["claims"] if c["id"] == "convergence.steps")
+    assert set(steps["variants"]) == {"BN", "no BN"} and steps["n"] == 1
+    assert steps["verdict"] == studies.UNSURE  # one seed: no interval
+    for run in steps["runs"]:
+        assert (study_dir / run / "summary.json").is_file()
+    # --report-only rebuilds both files from the runs on disk, and says the same
+    (study_dir / "report.md").unlink()
+    (study_dir / "verdicts.json").unlink()
+    again = runner.invoke(app, ["reproduce", "ioffe2015_fig1", "--report-only"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((study_dir / "verdicts.json").read_text())["claims"] == body["claims"]
+    assert (study_dir / "report.md").read_text() == report
 
 
 def test_tiny_saturation_study_draws_per_layer_gradients(isolated: Path) -> None:

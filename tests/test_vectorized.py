@@ -74,12 +74,12 @@ def test_stack_equals_single_runs_in_float64_and_a_diverging_model_disturbs_none
 
 
 @pytest.mark.parametrize("common, variants", [
-    # data.normalize=false for Adam: standardized, MNIST's blank border pixels are a nonzero
+    # data.inputs=unit for Adam: standardized, MNIST's blank border pixels are a nonzero
     # constant, whose first-layer gradient is zero in exact arithmetic (BN removes the batch
     # mean) but rounding noise in practice; Adam divides it by ~eps = 1e-8, which turns
-    # 1e-17 differences of summation order into 1e-11 weight differences. Raw pixels are 0
-    # there, and the gradient exactly 0.
-    (["optim=adam", "trainer.steps=15", "data.normalize=false"],
+    # 1e-17 differences of summation order into 1e-11 weight differences. Unit-scaled pixels
+    # are 0 there, and the gradient exactly 0.
+    (["optim=adam", "trainer.steps=15", "data.inputs=unit"],
      [["optim.lr=0.001", "seed=0"], ["optim.lr=0.003", "optim.beta1=0.8", "seed=1",
                                      "optim.beta2=0.99", "optim.weight_decay=0.01"]]),
     (["model=cnn", "model.width=4", "trainer.steps=6", "trainer.batch_size=8",
@@ -125,7 +125,7 @@ def test_a_stack_of_one_resumes_from_its_checkpoint_where_it_left_off(
     resumes too: from the step-10 checkpoint, with the optimizer state, data order, schedule
     and log window it saved, it ends where the uninterrupted stack ended."""
     common = [*F64, *optim, "trainer.steps=20", "trainer.checkpoint_every=10",
-              "optim.schedule=cosine", "trainer.log_every=3", "data.normalize=false"]
+              "optim.schedule=cosine", "trainer.log_every=3", "data.inputs=unit"]
     [whole] = vectorized.run_group([compose(common)], [tmp_path / "whole"])
     [cut] = vectorized.run_group([compose(common)], [tmp_path / "cut"])
     assert whole["status"] == cut["status"] == "completed"
