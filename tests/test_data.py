@@ -120,7 +120,7 @@ def test_mismatched_inputs_scale_each_feature_by_a_fixed_factor_over_four_decade
     assert torch.equal(mismatched, again)  # the same factors for every run
     ratio = (mismatched / standard).where(standard.abs() > 0.5, torch.nan).numpy()
     seen = ~np.isnan(ratio).all(0)  # features with a clearly nonzero standardized value
-    hi, lo = np.nanmax(ratio, 0)[seen], np.nanmin(ratio, 0)[seen]
+    hi, lo = np.nanmax(ratio[:, seen], 0), np.nanmin(ratio[:, seen], 0)
     assert np.allclose(hi / lo, 1.0, rtol=1e-4)  # one fixed factor per feature
     factor = torch.from_numpy(hi)
     assert factor.min() >= 0.0099 and factor.max() <= 101

@@ -26,6 +26,14 @@ def test_value_at_fraction_takes_the_last_value_logged_by_then() -> None:
     assert metrics.value_at_fraction(acc, 100, 0.05) is None
 
 
+def test_curve_area_is_trapezoids_per_step_of_the_budget() -> None:
+    # 0.5 held from step 0 to 10 (5), trapezoid 10..20 from 0.5 to 1.0 (7.5), then nothing
+    # logged up to the budget of 40 (a run that stopped): (5 + 7.5) / 40
+    assert metrics.curve_area([(10, 0.5), (20, 1.0)], 40) == pytest.approx(12.5 / 40)
+    assert metrics.curve_area([(10, 0.5), (20, None)], 20) == pytest.approx((5 + 2.5) / 20)
+    assert metrics.curve_area([], 20) is None
+
+
 def test_mean_value_is_the_area_under_the_logged_curve() -> None:
     assert metrics.mean_value([(1, 1.0), (2, 2.0), (3, 6.0)]) == 3.0
     assert metrics.mean_value([]) is None

@@ -37,6 +37,8 @@ def test_every_probe_leaves_parameters_buffers_and_rng_bit_identical() -> None:
     probes.activation_inputs(model, x)
     probes.landscape(model, x, y, (0.1, 1.0))
     probes.mode_comparison(model, x, y, lambda t: t, batch_size=16, bs1_samples=8)
+    probes.mode_study(model, x, y, lambda t: t, [1, 2, 64])
+    probes.population_statistics(model, x, lambda t: t, batch_size=16)
     assert identical(before, snapshot(model))
     assert torch.equal(rng, torch.get_rng_state())
     assert not model.training
@@ -104,3 +106,38 @@ def test_landscape_is_flat_for_a_zero_gradient() -> None:
     # With signal, a large step along the gradient changes the loss and the gradient.
     moved = probes.landscape(model, torch.eye(6, 4) * 5, y, (0.5, 4.0))
     assert moved["loss_range"] > 0.1 and moved["beta_smoothness"] > 0
+
+
+def test_mode_study_eval_mode_ignores_the_batch_and_train_mode_does_not() -> None:
+    model = mlp()
+    x, y = torch.randn(60, 1, 28, 28), torch.randint(0, 10, (60,))
+    found, notes = probes.mode_study(model, x, y, lambda t: t, [1, 2, 7, 60])
+    for size in (1, 2, 7):
+        assert found[f"modes_eval_changed_bs{size}"] == 0.0
+        assert found[f"modes_eval_acc_bs{size}"] == found["modes_eval_acc_bs60"]
+    assert found["modes_train_changed_bs2"] > 0.1  # pairs normalize each other
+    assert found["modes_train_acc_bs1"] is None and "cannot normalize" in notes[
+        "modes_train_acc_bs1"]
+
+
+def test_population_statistics_measure_the_bn_inputs_in_eval_mode() -> None:
+    model = mlp("model.depth=2", "model.width=8")
+    x = torch.randn(500, 1, 28, 28) * 2 + 1
+    (_, bn1), _ = probes.norm_layers(model)
+    # The population of bn1's input is the first linear layer's output over x: set bn1's
+    # running statistics to exactly that; the error must be 0.
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        z = first(x.flatten(1)).double()
+        bn1.running_mean.copy_(z.mean(0))
+        bn1.running_var.copy_(z.var(0, unbiased=False))
+    found = probes.population_statistics(model, x, lambda t: t, batch_size=64)
+    assert found["running_mean_error_bn1"] == pytest.approx(0, abs=1e-5)
+    assert found["running_var_rel_error_bn1"] == pytest.approx(0, abs=1e-5)
+    with torch.no_grad():  # one population std off on every feature; variance 21% high
+        bn1.running_mean.add_(z.std(0, unbiased=False).float())
+        bn1.running_var.mul_(1.21)
+    found = probes.population_statistics(model, x, lambda t: t, batch_size=64)
+    assert found["running_mean_error_bn1"] == pytest.approx(1.0, rel=1e-4)
+    assert found["running_var_rel_error_bn1"] == pytest.approx(0.21, rel=1e-4)
+    assert "running_mean_error_bn2" in found

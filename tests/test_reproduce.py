@@ -238,3 +238,42 @@ def test_unknown_study_and_scale_are_clear_errors() -> None:
     assert bad.exit_code == 2 and "ioffe2015_fig1" in bad.output
     scale = runner.invoke(app, ["reproduce", "ioffe2015_fig1", "scale=huge"])
     assert scale.exit_code == 2 and "scale=paper" in scale.output
+
+
+def test_tiny_train_eval_modes_study_records_both_modes_and_the_running_statistics(
+        isolated: Path) -> None:
+    result = runner.invoke(app, ["reproduce", "train_eval_modes", "seed=0,1", "trainer.steps=30",
+                                 "trainer.eval_every=10", "trainer.progress=none",
+                                 "trainer.mode_batch_sizes=[1,2,1000]", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    study_dir = isolated / "outputs" / "studies" / "train_eval_modes"
+    body = json.loads((study_dir / "verdicts.json").read_text())
+    ids = {c["id"]: c for c in body["claims"]}
+    assert set(ids) == {"modes.eval_independent", "modes.train_depends", "modes.batch_of_one",
+                        "modes.running_mean", "modes.running_var"}
+    assert ids["modes.batch_of_one"]["verdict"] == studies.HOLDS  # BatchNorm1d refuses one
+    assert ids["modes.eval_independent"]["variants"]["BN, eval mode"] == {"0": 0.0, "1": 0.0}
+    report = (study_dir / "report.md").read_text()
+    assert "modes_vs_batch_size.png" in report and "running_statistics.png" in report
+    assert (study_dir / "plots" / "running_statistics.png").is_file()
+
+
+def test_tiny_input_normalization_study(isolated: Path) -> None:
+    result = runner.invoke(app, ["reproduce", "input_normalization", "seed=0,1",
+                                 "optim.lr=0.001,0.1", "trainer.steps=20",
+                                 "trainer.eval_every=5", "trainer.progress=none", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    study_dir = isolated / "outputs" / "studies" / "input_normalization"
+    body = json.loads((study_dir / "verdicts.json").read_text())
+    ids = [c["id"] for c in body["claims"]]
+    for other in ("raw", "mismatched"):
+        assert f"inputs.{other}.steps" in ids and f"inputs.{other}.with_bn" in ids
+        assert f"inputs.{other}.max_stable_lr" in ids
+    assert all(c["n"] == 2 for c in body["claims"])
+    assert (study_dir / "plots" / "loss_curves.png").is_file()
+
+
+def test_an_unknown_input_scaling_is_a_clear_error() -> None:
+    bad = runner.invoke(app, ["train", "data.inputs=whitened"])
+    assert bad.exit_code == 2
+    assert "data.inputs" in bad.output and "mismatched" in bad.output
