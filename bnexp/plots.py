@@ -254,6 +254,25 @@ def layer_gradient_figure(runs: list[Run]) -> Any:
     return _bn_panels(runs, draw, "gradient norm of the layer's weights")
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the headless Agg backend (no display on servers or in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(ax: Any, xlabel: str, ylabel: str, title: str, legend: int | None = 8) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(fontsize=legend)
+    ax.grid(alpha=0.3)
+
+
 def _seed_mean(series: list[list[tuple[int, float | None]]]) -> tuple[list, list, list]:
     return mean_curve([[(s, v) for s, v in one if v is not None] for one in series if one])
 
@@ -261,11 +280,7 @@ def _seed_mean(series: list[list[tuple[int, float | None]]]) -> tuple[list, list
 def loss_curves_figure(runs: list[Run], metric: str = "best_val_acc") -> Any:
     """Training loss over steps per variant at its best LR (seed mean ± std), log scale: how
     fast each input scaling and norm setting brings the loss down."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     _, variants = group(runs)
     fig, ax = plt.subplots(figsize=(7.2, 4.4))
     for label, points in variants.items():
@@ -277,11 +292,8 @@ def loss_curves_figure(runs: list[Run], metric: str = "best_val_acc") -> Any:
             _band(ax, steps, means, stds, f"{label}, lr={best:g}" if best else label,
                   markers=False)
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("training loss at each variant's best LR (mean ± std over seeds)", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    _finish(ax, "step", "training loss",
+            "training loss at each variant's best LR (mean ± std over seeds)", legend=7)
     return fig
 
 
@@ -289,11 +301,7 @@ def modes_figure(runs: list[Run]) -> Any:
     """Validation accuracy against the eval batch size, in eval mode (running statistics)
     and train mode (each batch's statistics), seed mean ± std; a batch size that train mode
     refused is marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     sizes = sorted({int(k.rsplit("bs", 1)[1]) for r in runs for k in r.metrics
                     if k.startswith("modes_eval_acc_bs")})
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -308,27 +316,20 @@ def modes_figure(runs: list[Run]) -> Any:
                 means.append(mean)
                 stds.append(std)
             elif mode == "train":
-                ax.annotate("refused", (size, 0.1), ha="center", fontsize=8, color="C1")
+                ax.annotate("train mode:\nrefused", (size, 0.1), ha="center", fontsize=8,
+                            color="C1")
         if xs:
             _band(ax, xs, means, stds, label)
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
-    ax.set_xlabel("eval batch size")
-    ax.set_ylabel("val accuracy")
-    ax.set_title("BN's two modes against the eval batch size", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _finish(ax, "eval batch size", "val accuracy", "BN's two modes against the eval batch size")
     return fig
 
 
 def running_statistics_figure(runs: list[Run]) -> Any:
     """Per BN layer, how far the running mean and variance are from the population
     statistics of the layer's input (seed mean ± std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     layers = sorted({int(k.rsplit("_bn", 1)[1]) for r in runs for k in r.metrics
                      if k.startswith("running_mean_error_bn")})
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -340,8 +341,6 @@ def running_statistics_figure(runs: list[Run]) -> Any:
         ax.bar([i + offset for i in layers], [m or 0 for m, _, _ in stats], width,
                yerr=[s or 0 for _, s, _ in stats], label=label, capsize=3)
     ax.set_xticks(layers, [f"bn{i}" for i in layers])
-    ax.set_ylabel("RMS over features")
-    ax.set_title("running statistics vs population statistics of each BN input", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
+    _finish(ax, "BN layer", "RMS over features",
+            "running statistics vs population statistics of each BN input")
     return fig

@@ -120,18 +120,21 @@ def best_lr(runs: Sequence[Run], value: Callable[[Run], float | None]) -> float 
     return max(means, key=lambda lr: (means[lr], -lr)) if means else None
 
 
+def budget(run: Run) -> int:
+    """The run's planned steps (a diverged run stops before them)."""
+    return int(run.metrics.get("total_steps") or run.config.get("trainer.steps")
+               or run.metrics.get("steps") or 0)
+
+
 def curve_area(run: Run) -> float | None:
     curve = run.curves.get("val_acc")
-    steps = run.metrics.get("steps") or 0
-    total = max(steps, run.config.get("trainer.steps") or 0)
-    return metrics.curve_area(curve, total) if curve else None
+    return metrics.curve_area(curve, budget(run)) if curve else None
 
 
 def acc_at(fraction: float) -> Callable[[Run], float | None]:
     def value(run: Run) -> float | None:
         curve = [(s, v) for s, v in run.curves.get("val_acc", []) if v is not None]
-        total = run.config.get("trainer.steps") or run.metrics.get("steps") or 0
-        return metrics.value_at_fraction(curve, total, fraction) if curve else None
+        return metrics.value_at_fraction(curve, budget(run), fraction) if curve else None
     return value
 
 

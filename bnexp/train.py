@@ -627,6 +627,7 @@ def finish(trainer: Trainer, status: str, error: str | None = None,
     summary["train_samples"], summary["val_samples"] = len(trainer.ds.y_train), len(
         trainer.ds.y_val)
     summary["num_classes"] = trainer.ds.num_classes
+    summary["total_steps"] = trainer.total_steps  # the budget; `steps` stops early on divergence
     summary["setup_seconds"] = None if trainer.resumed else trainer.setup_seconds
     if status in ("completed", "diverged"):
         modes, found = probes.mode_comparison(
