@@ -238,7 +238,14 @@ def register() -> None:
 # ----------------------------------------------------------------------------- overrides
 
 
+# Keys that were renamed, with what to write instead.
+RENAMED = {"data.normalize": "data.inputs: data.normalize=true is data.inputs=standardized, "
+                             "data.normalize=false is data.inputs=unit"}
+
+
 def _suggest(word: str, choices: Sequence[str]) -> str:
+    if word in RENAMED:
+        return f" It was renamed to {RENAMED[word]}."
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" Did you mean {close[0]}?" if close else ""
 

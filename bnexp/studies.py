@@ -147,8 +147,10 @@ def num(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
 
 
-def mean_of(values: Mapping[Hashable, float | None]) -> float | None:
+def mean_of(values: Mapping[Hashable, float | None], geometric: bool = False) -> float | None:
     xs = [v for v in values.values() if v is not None and math.isfinite(v)]
+    if geometric and xs and min(xs) > 0:
+        return statistics.geometric_mean(xs)
     return statistics.fmean(xs) if xs else None
 
 
@@ -183,8 +185,10 @@ def compare(id: str, claim: str, what: str, x: tuple[str, Mapping], y: tuple[str
         verdict = stats.directional(effect, direction)
         rule = f"directional: {xl} {'>' if direction == 'greater' else '<'} {yl}" + (
             " (ratio)" if kind == "ratio" else "")
-    measured = (f"{what}: {xl} {num(mean_of(xv), digits)}, {yl} {num(mean_of(yv), digits)} "
-                f"(seed means); {effect_text(effect, xl, yl)}")
+    geo = kind == "ratio"  # ratios are averaged on the log scale, and so are their parts
+    measured = (f"{what}: {xl} {num(mean_of(xv, geo), digits)}, {yl} "
+                f"{num(mean_of(yv, geo), digits)} (seed {'geometric ' if geo else ''}means); "
+                f"{effect_text(effect, xl, yl)}")
     return Verdict(id, claim, what, {xl: dict(xv), yl: dict(yv)}, effect, rule, verdict,
                    measured, reason, [r.path for r in runs])
 

@@ -277,3 +277,5 @@ def test_an_unknown_input_scaling_is_a_clear_error() -> None:
     bad = runner.invoke(app, ["train", "data.inputs=whitened"])
     assert bad.exit_code == 2
     assert "data.inputs" in bad.output and "mismatched" in bad.output
+    old = runner.invoke(app, ["train", "data.normalize=false"])
+    assert old.exit_code == 2 and "data.inputs=unit" in old.output
