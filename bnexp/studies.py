@@ -160,6 +160,8 @@ def effect_text(effect: stats.Effect, x: str, y: str) -> str:
     if effect.kind == "ratio":
         head = f"{x} / {y} = {num(effect.estimate)}×"
         ci = f"95% CI {num(effect.low)}–{num(effect.high)}×" if effect.low is not None else ""
+        if effect.low is not None and effect.low == effect.high:
+            ci = "every seed pair the same, no spread"
     else:
         head = f"{x} − {y} = {effect.estimate:+.3g}"
         ci = (f"95% CI {effect.low:+.3g} to {effect.high:+.3g}"

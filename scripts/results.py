@@ -96,7 +96,7 @@ def section(name: str, body: dict, seconds: float | None, study_dir: Path, docs:
         measured = c["measured"] + (f" — {c['reason']}" if c["reason"] else "")
         lines.append(f"| {c['claim']} | {measured.replace('|', chr(92) + '|')} | {c['n']} | "
                      f"**{c['verdict']}** |")
-    lines += ["", f"The paper: {study.paper}.", "", f"Here: {NOTES.get(name, '')}", ""]
+    lines += ["", f"**The paper:** {study.paper}.", "", f"**Here:** {NOTES.get(name, '')}", ""]
     for fig in FIGURES.get(name, []):
         src = study_dir / "plots" / f"{fig}.png"
         if src.is_file():
