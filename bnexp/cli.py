@@ -202,6 +202,11 @@ def list_(group: str = typer.Argument(None, help="Only this group: data, model, 
             typer.echo(f"  {mark} {option:<14} {describe_option(g, option)}")
 
 
+MOVE_ASIDE_HELP = ("Where a job's directory holds a run of another config, move those runs "
+                   "into <sweep>.replaced-<time>/ beside the sweep and run; without it the "
+                   "sweep stops before running anything. Nothing is ever deleted.")
+
+
 @app.command(context_settings=PASSTHROUGH)
 def sweep(
     ctx: typer.Context,
@@ -217,6 +222,7 @@ def sweep(
                                    help="Train jobs that differ only in lr, seed, momentum, "
                                         "weight decay, betas or init std as one stack of "
                                         "models in one process (torch.func.vmap)."),
+    move_aside: bool = typer.Option(False, "--move-aside", help=MOVE_ASIDE_HELP),
 ) -> None:
     """Run a grid of trainings (Hydra multirun), resumable: finished jobs are skipped.
 
@@ -238,14 +244,16 @@ def sweep(
             _error(str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         overrides.insert(0, "optim.lr=" + ",".join(f"{v:g}" for v in grid))
-    code, sweep_dir = _launch_sweep(overrides, name, "sweeps", jobs, dry_run, vectorize)
+    code, sweep_dir = _launch_sweep(overrides, name, "sweeps", jobs, dry_run, vectorize,
+                                    move_aside)
     if code or dry_run:
         raise typer.Exit(code)
     raise typer.Exit(_sweep_summary(sweep_dir))
 
 
 def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
-                  dry_run: bool, vectorize: bool = False) -> tuple[int, Path]:
+                  dry_run: bool, vectorize: bool = False,
+                  move_aside: bool = False) -> tuple[int, Path]:
     """Run a multirun through our sweeper into outputs/<kind>/<name>; (exit code, sweep dir)."""
     from bnexp import sweep as sweeps
     from bnexp.config import ConfigError, compose, outputs_root
@@ -265,6 +273,8 @@ def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
     argv = ["-m", *overrides, "hydra/sweeper=bnexp", f"hydra.sweep.dir='{sweep_dir}'"]
     if dry_run:
         argv.append("hydra.sweeper.dry_run=true")
+    if move_aside:
+        argv.append("hydra.sweeper.move_aside=true")
     if vectorize:
         argv.append("hydra/launcher=bnexp_vectorized")
     if jobs > 1 and not any(o.startswith("hydra/launcher=") for o in overrides):
@@ -286,6 +296,27 @@ def _sweep_summary(sweep_dir: Path) -> int:
     return sweeps.EXIT_SOME_FAILED if counts.get("failed") else 0
 
 
+def study_name(experiment: str, overrides: list[str]) -> str:
+    """A study's directory: its name, plus the overrides that change what it trains beyond
+    narrowing its own grid (`seed=0` stays in the study; `optim.lr=0.05` gets its own), so
+    that runs of another config never land where a study's results are."""
+    import hashlib
+
+    from bnexp.config import UNHASHED, experiment_grid_keys, short_keys
+
+    grid = experiment_grid_keys(experiment)
+    extra = [o for o in overrides if "=" in o and not o.startswith("hydra")
+             and (key := o.split("=", 1)[0].lstrip("+~")) not in grid and key not in UNHASHED]
+    if not extra:
+        return experiment
+    pairs = sorted(o.lstrip("+~").split("=", 1) for o in extra)
+    names = short_keys([k for k, _ in pairs])
+    label = ",".join(f"{names[k]}={v}" for k, v in pairs).replace("/", "_")
+    if len(label) > 80:  # one path component of bounded length, still readable
+        label = label[:60] + "-" + hashlib.sha256(label.encode()).hexdigest()[:8]
+    return f"{experiment}__{label}"
+
+
 @app.command(context_settings=PASSTHROUGH)
 def reproduce(
     ctx: typer.Context,
@@ -297,11 +328,13 @@ def reproduce(
     vectorize: bool = typer.Option(True, "--vectorize/--no-vectorize",
                                    help="Train the seeds and LRs of a variant as one stack "
                                         "(see sweep); on by default."),
+    move_aside: bool = typer.Option(False, "--move-aside", help=MOVE_ASIDE_HELP),
 ) -> None:
     """Run a classic BN study and write report.md and verdicts.json with a verdict per claim.
 
     bnexp reproduce NAME [OVERRIDES]: runs configs/experiment/NAME.yaml as a resumable sweep
-    into outputs/studies/NAME, then writes report.md, verdicts.json and figures there; each
+    into outputs/studies/NAME (NAME__<overrides> when overrides change what the study trains
+    beyond its own grid), then writes report.md, verdicts.json and figures there; each
     verdict comes from paired seeds with a 95% interval. `scale=paper` runs the
     paper-sized version (full datasets; a GPU is advised). `bnexp reproduce --list` shows the
     studies and the claims each tests.
@@ -333,15 +366,16 @@ def reproduce(
         _error(f"study {name} has no configs/experiment/{experiment}.yaml.")
         raise typer.Exit(EXIT_BAD_INPUT)
     code, sweep_dir = 0, None
+    study_dir = study_name(experiment, overrides)
     if not report_only:
-        code, sweep_dir = _launch_sweep([f"experiment={experiment}", *overrides], experiment,
-                                        "studies", jobs, dry_run, vectorize)
+        code, sweep_dir = _launch_sweep([f"experiment={experiment}", *overrides], study_dir,
+                                        "studies", jobs, dry_run, vectorize, move_aside)
         if code == EXIT_BAD_INPUT or dry_run:
             raise typer.Exit(code)
         code = _sweep_summary(sweep_dir)
     from bnexp.config import outputs_root
 
-    sweep_dir = sweep_dir or outputs_root() / "studies" / experiment
+    sweep_dir = sweep_dir or outputs_root() / "studies" / study_dir
     runs = find([sweep_dir]) if sweep_dir.exists() else []
     if not runs:
         _error(f"no runs under {sweep_dir}: run `bnexp reproduce {name}` first.")

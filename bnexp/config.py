@@ -173,6 +173,21 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
+def experiment_grid_keys(name: str) -> set[str]:
+    """The keys an experiment sweeps (hydra.sweeper.params), its parent experiments' too."""
+    import yaml
+
+    path = config_dir() / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return set()
+    body = yaml.safe_load(path.read_text()) or {}
+    keys = set(((body.get("hydra") or {}).get("sweeper") or {}).get("params") or {})
+    for entry in body.get("defaults") or []:
+        if isinstance(entry, str) and not entry.startswith(("override", "_self_", "/")):
+            keys |= experiment_grid_keys(entry)
+    return keys
+
+
 def default_options() -> dict[str, str]:
     """Each group's default option, as the primary config's defaults list names it."""
     import yaml

@@ -111,10 +111,48 @@ def resumable(run_dir: Path, expected_hash: str) -> bool:
             and (run_dir / "checkpoints" / "last.pt").is_file())
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Empty a job directory before re-running it, so TensorBoard never sees two histories."""
+def clear_run_dir(run_dir: Path, expected_hash: str) -> None:
+    """Empty a job directory before re-running it, so TensorBoard never sees two histories.
+    Only an unfinished run of this very config is ever cleared: a finished result, or a run
+    of another config, is never deleted (the sweeper stops before launching, see conflicts)."""
+    status = job_status(run_dir, expected_hash)
+    if status in FINISHED or status == "stale":
+        raise RuntimeError(f"refusing to clear {run_dir}: it holds a {status} run")
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
+
+
+def config_differences(run_dir: Path, new_config: dict, most: int = 6) -> list[str]:
+    """What differs between the config recorded in a job directory and the one a rerun would
+    train, as `key: old -> new` (keys that only show how a run is shown are left out)."""
+    from bnexp.runs import flatten
+
+    try:
+        old = flatten(json.loads((run_dir / "summary.json").read_text()).get("config", {}))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return ["(its summary.json cannot be read)"]
+    new = flatten(new_config)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if key in UNHASHED or key.split(".")[0] == "hydra":
+            continue
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if b in (None, "auto") and key in old:
+            continue  # a placeholder the run resolved when it started
+        if a != b:
+            out.append(f"{key}: {a} -> {b}")
+    return out[:most] + ([f"... {len(out) - most} more"] if len(out) > most else [])
+
+
+def move_aside(sweep_dir: Path, names: Sequence[str]) -> Path:
+    """Move job directories out of the sweep, into a sibling `<sweep>.replaced-<time>/`, so a
+    rerun can use their names; nothing is deleted."""
+    target = sweep_dir.parent / f"{sweep_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir(parents=True, exist_ok=False)
+    for name in names:
+        if (sweep_dir / name).exists():
+            os.replace(sweep_dir / name, target / name)
+    return target
 
 
 CLAIMS = ".claims"

@@ -181,12 +181,24 @@ def test_eval_mode_predictions_that_move_with_the_batch_fail_the_claim(tmp_path:
     assert claim(verdicts, "modes.eval_independent").verdict == studies.FAILS
 
 
+def study_dir_of(isolated: Path, name: str) -> Path:
+    """The one study directory a test made: NAME, or NAME__<overrides beyond its grid>."""
+    [found] = [p for p in (isolated / "outputs" / "studies").iterdir()
+               if p.name == name or p.name.startswith(name + "__")]
+    return found
+
+
+TINY_IOFFE = ["reproduce", "ioffe2015_fig1", "seed=0", "trainer.steps=40",
+              "trainer.eval_every=10", "trainer.diagnostics_every=10", "trainer.progress=none",
+              "device=cpu"]
+
+
 def test_tiny_study_writes_a_report_with_one_row_per_claim(isolated: Path) -> None:
-    result = runner.invoke(app, ["reproduce", "ioffe2015_fig1", "seed=0", "trainer.steps=40",
-                                 "trainer.eval_every=10", "trainer.diagnostics_every=10",
-                                 "trainer.progress=none", "device=cpu"])
+    result = runner.invoke(app, TINY_IOFFE)
     assert result.exit_code == 0, result.output
-    study_dir = isolated / "outputs" / "studies" / "ioffe2015_fig1"
+    study_dir = study_dir_of(isolated, "ioffe2015_fig1")
+    # its own directory: overrides beyond the study's grid (trainer.*) change what it trains
+    assert study_dir.name == "ioffe2015_fig1__diagnostics_every=10,eval_every=10,steps=40"
     report = (study_dir / "report.md").read_text()
     rows = [ln for ln in report.splitlines() if ln.startswith("| ") and "**" in ln]
     body = json.loads((study_dir / "verdicts.json").read_text())
@@ -204,7 +216,7 @@ def test_tiny_study_writes_a_report_with_one_row_per_claim(isolated: Path) -> No
     # --report-only rebuilds both files from the runs on disk, and says the same
     (study_dir / "report.md").unlink()
     (study_dir / "verdicts.json").unlink()
-    again = runner.invoke(app, ["reproduce", "ioffe2015_fig1", "--report-only"])
+    again = runner.invoke(app, [*TINY_IOFFE, "--report-only"])
     assert again.exit_code == 0, again.output
     assert json.loads((study_dir / "verdicts.json").read_text())["claims"] == body["claims"]
     assert (study_dir / "report.md").read_text() == report
@@ -215,7 +227,7 @@ def test_tiny_saturation_study_draws_per_layer_gradients(isolated: Path) -> None
                                  "trainer.eval_every=10", "trainer.diagnostics_every=5",
                                  "trainer.progress=none", "device=cpu"])
     assert result.exit_code == 0, result.output
-    study_dir = isolated / "outputs" / "studies" / "sigmoid_saturation"
+    study_dir = study_dir_of(isolated, "sigmoid_saturation")
     assert "layer_gradients.png" in (study_dir / "report.md").read_text()
     assert (study_dir / "plots" / "layer_gradients.png").is_file()
 
@@ -228,7 +240,7 @@ def test_tiny_santurkar_study_on_cifar_files(isolated: Path, tmp_path: Path) -> 
         "trainer.eval_every=2", "trainer.probe_every=2", "trainer.progress=none",
         "device=cpu"])
     assert result.exit_code == 0, result.output
-    report = (isolated / "outputs" / "studies" / "santurkar2018_vgg" / "report.md").read_text()
+    report = (study_dir_of(isolated, "santurkar2018_vgg") / "report.md").read_text()
     rows = [ln for ln in report.splitlines() if ln.startswith("| ") and "**" in ln]
     assert len(rows) == 3 and "landscape_loss_range" in report
 
@@ -246,7 +258,7 @@ def test_tiny_train_eval_modes_study_records_both_modes_and_the_running_statisti
                                  "trainer.eval_every=10", "trainer.progress=none",
                                  "trainer.mode_batch_sizes=[1,2,1000]", "device=cpu"])
     assert result.exit_code == 0, result.output
-    study_dir = isolated / "outputs" / "studies" / "train_eval_modes"
+    study_dir = study_dir_of(isolated, "train_eval_modes")
     body = json.loads((study_dir / "verdicts.json").read_text())
     ids = {c["id"]: c for c in body["claims"]}
     assert set(ids) == {"modes.eval_independent", "modes.train_depends", "modes.batch_of_one",
@@ -263,7 +275,7 @@ def test_tiny_input_normalization_study(isolated: Path) -> None:
                                  "optim.lr=0.001,0.1", "trainer.steps=20",
                                  "trainer.eval_every=5", "trainer.progress=none", "device=cpu"])
     assert result.exit_code == 0, result.output
-    study_dir = isolated / "outputs" / "studies" / "input_normalization"
+    study_dir = study_dir_of(isolated, "input_normalization")
     body = json.loads((study_dir / "verdicts.json").read_text())
     ids = [c["id"] for c in body["claims"]]
     for other in ("raw", "mismatched"):

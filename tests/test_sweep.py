@@ -191,3 +191,60 @@ def test_planned_job_config_is_what_hydra_composes(overrides: list[str]) -> None
                 del reference["hydra"]
             assert OmegaConf.to_container(fast) == OmegaConf.to_container(reference)
     GlobalHydra.instance().clear()
+
+
+def test_a_rerun_with_another_config_never_deletes_results(isolated: Path) -> None:
+    """Same --name, same job names, another optim.lr: the sweep stops before running anything
+    and names what differs; --move-aside moves the old runs beside the sweep, intact."""
+    first = runner.invoke(app, ["sweep", "--name", "mine", "seed=0,1", *TINY])
+    assert first.exit_code == 0, first.output
+    sweep_dir = isolated / "outputs" / "sweeps" / "mine"
+    before = {p.parent.name: p.read_bytes() for p in sweep_dir.glob("*/summary.json")}
+    assert len(before) == 2
+
+    refused = runner.invoke(app, ["sweep", "--name", "mine", "seed=0,1", "optim.lr=0.5", *TINY])
+    assert refused.exit_code == 2
+    message = " ".join(refused.output.split())
+    assert "optim.lr: 0.1 -> 0.5" in message and "--move-aside" in message
+    assert "nothing was run" in message and "Traceback" not in refused.output
+    assert {p.parent.name: p.read_bytes() for p in sweep_dir.glob("*/summary.json")} == before
+
+    dry = runner.invoke(app, ["sweep", "--name", "mine", "seed=0,1", "optim.lr=0.5", *TINY,
+                              "--dry-run"])
+    assert dry.exit_code == 0 and "another config's run is there" in dry.output
+
+    moved = runner.invoke(app, ["sweep", "--name", "mine", "seed=0,1", "optim.lr=0.5", *TINY,
+                                "--move-aside"])
+    assert moved.exit_code == 0, moved.output
+    [aside] = (isolated / "outputs" / "sweeps").glob("mine.replaced-*")
+    assert {p.parent.name: p.read_bytes() for p in aside.glob("*/summary.json")} == before
+    assert {s["config"]["optim"]["lr"] for s in summaries(sweep_dir).values()} == {0.5}
+
+
+def test_a_study_rerun_with_extra_overrides_gets_its_own_directory(isolated: Path) -> None:
+    base = ["reproduce", "train_eval_modes", "seed=0,1", "trainer.steps=10",
+            "trainer.mode_batch_sizes=[2,100]", "trainer.progress=none", "device=cpu"]
+    assert runner.invoke(app, base).exit_code == 0
+    studies_dir = isolated / "outputs" / "studies"
+    [first] = list(studies_dir.iterdir())
+    before = {p: p.read_bytes() for p in first.glob("*/summary.json")}
+    again = runner.invoke(app, [*base, "optim.lr=0.05"])
+    assert again.exit_code == 0, again.output
+    assert {p: p.read_bytes() for p in first.glob("*/summary.json")} == before
+    assert len(list(studies_dir.iterdir())) == 2
+    # narrowing the study's own grid (its seeds) stays in the same directory
+    # and under the same job names: the finished seed=1 run is skipped, not trained again
+    narrow = runner.invoke(app, [*base[:2], "seed=1", *base[3:]])
+    assert narrow.exit_code == 0 and len(list(studies_dir.iterdir())) == 2
+    assert sorted(p.parent.name for p in first.glob("*/summary.json")) == ["seed=0", "seed=1"]
+    assert {p: p.read_bytes() for p in first.glob("*/summary.json")} == before
+
+
+def test_a_sweep_never_clears_a_finished_run(tmp_path: Path) -> None:
+    run = tmp_path / "job"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "config_hash": "a"}))
+    for expected in ("a", "b"):  # finished, or another config's: both refused
+        with pytest.raises(RuntimeError, match="refusing"):
+            sweep.clear_run_dir(run, expected)
+    assert (run / "summary.json").is_file()

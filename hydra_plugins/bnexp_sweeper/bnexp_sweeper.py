@@ -28,6 +28,9 @@ class BnexpSweeperConf:
     max_batch_size: int | None = None
     params: dict[str, str] | None = None
     dry_run: bool = False
+    # Jobs whose directory holds a run of another config: move those runs aside (true) or
+    # stop before launching anything (false). Never deleted either way.
+    move_aside: bool = False
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="bnexp", node=BnexpSweeperConf,
@@ -38,8 +41,9 @@ class BnexpSweeper(Sweeper):
     # Not a BasicSweeper subclass: Hydra re-imports its core plugin modules while scanning,
     # and BasicSweeper's own super(BasicSweeper, self) call then names a different class.
     def __init__(self, max_batch_size: int | None = None, params: dict | None = None,
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, move_aside: bool = False) -> None:
         self.max_batch_size, self.params, self.dry_run = max_batch_size, params or {}, dry_run
+        self.move_aside = move_aside
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context = None
@@ -51,11 +55,15 @@ class BnexpSweeper(Sweeper):
 
     def _plan(self, arguments: list[str]) -> tuple[list[dict], list[str]]:
         from bnexp import sweep
-        from bnexp.config import ConfigError, validate
+        from bnexp.config import UNHASHED, ConfigError, validate
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
         _, swept = sweep.split_overrides(arguments)
+        # A study's grid keys name its jobs even when the command narrows one to a single
+        # value (`seed=1`), in the grid's own order: the same job keeps the same directory.
+        grid = [k for k in self.params if k not in UNHASHED]
+        swept = grid + [k for k in swept if k not in grid]
         sweep_dir = Path(self.config.hydra.sweep.dir)
         plan, names = [], set()
         composed: dict[tuple[str, ...], DictConfig] = {}
@@ -71,9 +79,39 @@ class BnexpSweeper(Sweeper):
                 name += "_"
             names.add(name)
             digest = sweep.config_hash(cfg)
+            status = sweep.job_status(sweep_dir / name, digest)
             plan.append({"name": name, "overrides": list(overrides), "hash": digest,
-                         "status": sweep.job_status(sweep_dir / name, digest)})
+                         "status": status})
+            if status == "stale":
+                from bnexp.config import resolved
+
+                plan[-1]["differences"] = sweep.config_differences(sweep_dir / name,
+                                                                   resolved(cfg))
         return plan, swept
+
+    def _refuse_or_move(self, plan: list[dict], sweep_dir: Path) -> None:
+        """Jobs whose directory holds a run of another config: bnexp never deletes a result.
+        Stop with one paragraph, or (move_aside) move those runs out of the way."""
+        from bnexp import sweep
+
+        stale = [job for job in plan if job["status"] == "stale"]
+        if not stale:
+            return
+        if not self.move_aside:
+            shown = "; ".join(f"{job['name']} ({', '.join(job['differences'])})"
+                              for job in stale[:3])
+            more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+            print(f"bnexp: error: {sweep_dir} already holds runs of a different config under "
+                  f"the names this sweep would use: {shown}{more}. bnexp never deletes "
+                  "results, so nothing was run. Give this sweep its own directory (bnexp "
+                  "sweep --name NEW, or other overrides), or rerun with --move-aside to move "
+                  f"the {len(stale)} old run(s) into {sweep_dir.name}.replaced-<time>/ beside "
+                  "it.", file=sys.stderr)
+            sys.exit(2)
+        target = sweep.move_aside(sweep_dir, [job["name"] for job in stale])
+        log.info("bnexp sweep: moved %d run(s) of another config to %s", len(stale), target)
+        for job in stale:
+            job["status"] = "pending"
 
     def _task_config(self, overrides: list[str], parser: OverridesParser,
                      composed: dict[tuple[str, ...], DictConfig]) -> DictConfig:
@@ -113,9 +151,12 @@ class BnexpSweeper(Sweeper):
         if self.dry_run:
             for job in plan:
                 action = "skip" if job["status"] in sweep.FINISHED else "run "
+                status = job["status"] if job["status"] != "stale" else (
+                    "another config's run is there: " + ", ".join(job["differences"]))
                 log.info("  %s  %-40s %s  (%s)", action, job["name"], " ".join(job["overrides"]),
-                         job["status"])
+                         status)
             return []
+        self._refuse_or_move(plan, sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         manifest = sweep.new_manifest(sweep_dir, arguments, swept)
@@ -153,7 +194,7 @@ class BnexpSweeper(Sweeper):
                     extra.append(f"resume='{run_dir}'")
                     log.info("%s: resuming from its last checkpoint", job["name"])
                 else:
-                    sweep.clear_run_dir(run_dir)
+                    sweep.clear_run_dir(run_dir, job["hash"])
                 batch.append([*job["overrides"], *extra])
             try:
                 if batch:
@@ -163,7 +204,7 @@ class BnexpSweeper(Sweeper):
                     sweep.release(sweep_dir, job["name"])
             for job in chunk:
                 status = sweep.job_status(sweep_dir / job["name"], job["hash"])
-                status = "failed" if status in ("pending", "stale") else status
+                status = "failed" if status == "pending" else status
                 manifest["jobs"][job["name"]]["status"] = status
                 done += 1
                 log.info("[%d/%d] %s: %s", done, len(plan), job["name"], status)
