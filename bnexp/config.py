@@ -23,6 +23,9 @@ GROUPS = ("data", "model", "optim", "trainer", "experiment")
 
 DATASETS = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
 INPUTS = ("standardized", "unit", "raw", "mismatched")  # data.inputs, see data.Inputs
+IMAGE_SIDE = {"mnist5k": 28, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
+# A run keeps one float per step (its gradient-norm record): beyond this it cannot be held.
+MAX_STEPS = 100_000_000
 MODELS = ("mlp", "cnn", "vgg", "resnet")
 NORMS = ("batch", "none")  # the block factory is keyed on this; "layer"/"group" slot in here
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
@@ -413,7 +416,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.step_size": (_positive_int, "an integer >= 1"),
     "optim.gamma": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "trainer.epochs": (_positive_int, "an integer >= 1"),
-    "trainer.steps": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
+    "trainer.steps": (lambda v: v is None or (_positive_int(v) and v <= MAX_STEPS),
+                      f"null or an integer from 1 to {MAX_STEPS:,}"),
     "trainer.batch_size": (_positive_int, "an integer >= 1"),
     "trainer.eval_every": (_positive_int, "an integer >= 1 (steps)"),
     "trainer.eval_batch_size": (
@@ -447,7 +451,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         or (v.startswith("cuda:") and v[5:].isdigit()),
         "auto, cpu, cuda, cuda:N or mps",
     ),
-    "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
+             "an integer from 0 to 2**63 - 1 (what torch.manual_seed takes)"),
 }
 
 
@@ -477,6 +482,12 @@ def validate(cfg: DictConfig) -> None:
         )
     if m.name == "resnet" and (m.depth - 2) % 6:
         raise fail("model.depth", m.depth, "6n+2 for model=resnet (20, 32, 44, 56, 110)")
+    side = IMAGE_SIDE.get(cfg.data.name)
+    if m.name == "cnn" and side and 2**m.depth > side:
+        deepest = side.bit_length() - 1
+        raise fail("model.depth", m.depth, f"1 to {deepest} for model=cnn on data="
+                   f"{cfg.data.name}", f"Each CNN stage halves the {side}x{side} image with a "
+                   f"2x2 max-pool, so after {deepest} stages nothing is left to pool.")
     if m.name == "vgg" and m.depth not in VGG_DEPTHS:
         raise fail("model.depth", m.depth, "one of 11, 13, 16, 19 for model=vgg")
     if m.norm != "none" and t.batch_size == 1:

@@ -692,10 +692,22 @@ def hydra_task(cfg: DictConfig) -> int:
         finished.append((run_dir, None, EXIT_BAD_INPUT))
         return EXIT_BAD_INPUT
     except OSError as exc:  # the disk filled up, or the directory went away
+        recorded = record_failure(cfg, run_dir, f"{type(exc).__name__}: {exc}")
+        again = ("run `bnexp resume " + str(run_dir) + "`"
+                 if (run_dir / record.LAST_CHECKPOINT).is_file() else "rerun the command")
         print(f"bnexp: error: could not write the run's files in {run_dir}: {exc}. If the disk "
-              "is full, free space and run `bnexp resume` (or rerun the sweep). Results "
-              "written earlier are intact: every file is written to a temporary name first.",
+              f"is full, free space and {again} (a sweep reruns what is missing). Results "
+              "written earlier are intact: every file is written to a temporary name first."
+              + ("" if recorded else " (Its summary.json could not be updated either.)"),
               file=sys.stderr)
+        finished.append((run_dir, None, 1))
+        return 1
+    except Exception as exc:  # set-up failed for a valid config (e.g. out of memory)
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        record_failure(cfg, run_dir, error)
+        # One paragraph, to the console and (through Hydra's job logging) train.log.
+        log.error("bnexp: error: the run failed while setting up: %s. Recorded as failed in "
+                  "%s.", error, run_dir / "summary.json")
         finished.append((run_dir, None, 1))
         return 1
     code = EXIT_BY_STATUS[summary["status"]]
@@ -705,6 +717,23 @@ def hydra_task(cfg: DictConfig) -> int:
         raise SystemExit(code)  # stop here: a sweep must not go on to its next job
     finished.append((run_dir, summary, code))
     return code
+
+
+def record_failure(cfg: DictConfig, run_dir: Path, error: str) -> bool:
+    """Leave a `failed` summary with the error (never over a finished run's); False when it
+    cannot be written (a full disk)."""
+    try:
+        previous = record.read_summary(run_dir).get("status")
+    except (OSError, ValueError):
+        previous = None
+    if previous in ("completed", "diverged"):
+        return True
+    try:
+        record.write_summary(run_dir, "failed", resolved(cfg), {}, {}, error=error,
+                             config_hash=config_hash(cfg))
+    except OSError:
+        return False
+    return True
 
 
 def remove_hydra_files(run_dir: Path) -> None:

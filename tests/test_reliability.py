@@ -213,3 +213,38 @@ def test_random_overrides_give_a_config_or_a_clear_error(overrides: list[str]) -
         compose(overrides)
     except ConfigError as exc:
         assert str(exc) and "\n" not in str(exc).strip()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.steps=1000000000000", "trainer.steps"), ("trainer.steps=1e12", "trainer.steps"),
+    ("seed=18446744073709551616", "seed"), ("model=cnn model.depth=10", "model.depth")])
+def test_values_that_cannot_work_are_refused_before_anything_is_written(
+        isolated: Path, override: str, key: str) -> None:
+    result = runner.invoke(app, ["train", *override.split(), "device=cpu"])
+    assert result.exit_code == 2
+    assert key in result.output and "Traceback" not in result.output
+    assert not list((isolated / "outputs").rglob("summary.json"))
+
+
+HUGE = "model.width=1000000000000"  # 3 PB of weights: beyond any address space, fails at once
+
+
+def test_a_set_up_failure_is_a_failed_run_with_its_error(isolated: Path) -> None:
+    result = runner.invoke(app, ["train", HUGE, "trainer.progress=none", "device=cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [summary] = (isolated / "outputs").rglob("summary.json")
+    body = json.loads(summary.read_text())
+    assert body["status"] == "failed" and "allocate" in body["error"]
+    assert "failed while setting up" in (summary.parent / "train.log").read_text()
+
+
+def test_a_crash_inside_a_sweep_is_failed_recorded_and_exit_3(isolated: Path) -> None:
+    result = runner.invoke(app, ["sweep", "trainer=debug", f"model.width=16,{HUGE[12:]}",
+                                 "trainer.progress=none", "device=cpu"])
+    assert result.exit_code == 3, result.output
+    [sweep_dir] = (isolated / "outputs" / "sweeps").iterdir()
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert sorted(j["status"] for j in manifest["jobs"].values()) == ["completed", "failed"]
+    [crashed] = [p for p in sweep_dir.glob("*/summary.json") if "1000000000000" in str(p)]
+    assert json.loads(crashed.read_text())["error"].startswith("RuntimeError")
+    assert "failed while setting up" in (crashed.parent / "train.log").read_text()
