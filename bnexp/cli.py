@@ -256,7 +256,7 @@ def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
                   move_aside: bool = False) -> tuple[int, Path]:
     """Run a multirun through our sweeper into outputs/<kind>/<name>; (exit code, sweep dir)."""
     from bnexp import sweep as sweeps
-    from bnexp.config import ConfigError, compose, outputs_root
+    from bnexp.config import ConfigError, compose, outputs_root, path_component
 
     if vectorize and (jobs > 1 or any(o.startswith("hydra/launcher=") for o in overrides)):
         _error("--vectorize trains in one process with its own launcher: it cannot be "
@@ -268,7 +268,10 @@ def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
     except (ConfigError, ValueError) as exc:
         _error(str(exc))
         return EXIT_BAD_INPUT, Path()
-    name = name or sweeps.sweep_name(fixed, swept)
+    # One directory under outputs/<kind>/, whatever was typed (`--name ../../x` stays inside).
+    name = path_component(name) if name else sweeps.sweep_name(fixed, swept)
+    if name in (".", ".."):
+        name = name.replace(".", "_")
     sweep_dir = outputs_root() / kind / name
     argv = ["-m", *overrides, "hydra/sweeper=bnexp", f"hydra.sweep.dir='{sweep_dir}'"]
     if dry_run:
@@ -300,9 +303,7 @@ def study_name(experiment: str, overrides: list[str]) -> str:
     """A study's directory: its name, plus the overrides that change what it trains beyond
     narrowing its own grid (`seed=0` stays in the study; `optim.lr=0.05` gets its own), so
     that runs of another config never land where a study's results are."""
-    import hashlib
-
-    from bnexp.config import UNHASHED, experiment_grid_keys, short_keys
+    from bnexp.config import UNHASHED, experiment_grid_keys, path_component, short_keys
 
     grid = experiment_grid_keys(experiment)
     extra = [o for o in overrides if "=" in o and not o.startswith("hydra")
@@ -311,10 +312,7 @@ def study_name(experiment: str, overrides: list[str]) -> str:
         return experiment
     pairs = sorted(o.lstrip("+~").split("=", 1) for o in extra)
     names = short_keys([k for k, _ in pairs])
-    label = ",".join(f"{names[k]}={v}" for k, v in pairs).replace("/", "_")
-    if len(label) > 80:  # one path component of bounded length, still readable
-        label = label[:60] + "-" + hashlib.sha256(label.encode()).hexdigest()[:8]
-    return f"{experiment}__{label}"
+    return path_component(f"{experiment}__" + ",".join(f"{names[k]}={v}" for k, v in pairs))
 
 
 @app.command(context_settings=PASSTHROUGH)

@@ -209,10 +209,24 @@ def describe_option(group: str, option: str) -> str:
     return ""
 
 
+def path_component(text: str, limit: int = 120) -> str:
+    """text as one directory name: no separators (`data.root=/x/y` must not nest), and at most
+    `limit` characters (file systems stop at 255 bytes), the rest replaced by a hash of the
+    whole so that different texts keep different names. The full overrides of a run stay in
+    its .hydra/overrides.yaml."""
+    import hashlib
+
+    name = text.replace("/", "_").replace("\\", "_").replace("\0", "_")
+    if len(name.encode()) > limit:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        name = name.encode()[: limit - 9].decode(errors="ignore") + "-" + digest
+    return name
+
+
 def run_name(override_dirname: str) -> str:
     """Run directory name: a timestamp to the microsecond, then the overrides that were given."""
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
-    return f"{stamp}_{override_dirname}" if override_dirname else stamp
+    return path_component(f"{stamp}_{override_dirname}" if override_dirname else stamp)
 
 
 def make_run_dir(root: str, override_dirname: str) -> str:

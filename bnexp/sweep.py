@@ -23,7 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bnexp.config import UNHASHED, config_hash, short_keys  # noqa: F401 - used by the sweeper
+from bnexp.config import (  # noqa: F401 - config_hash is used by the sweeper
+    UNHASHED,
+    config_hash,
+    path_component,
+    short_keys,
+)
 
 MANIFEST = "manifest.json"
 FINISHED = ("completed", "diverged")  # results: a rerun skips these
@@ -35,8 +40,7 @@ def job_name(overrides: Sequence[str], swept: Sequence[str]) -> str:
     values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     names = short_keys(list(swept))
     parts = [f"{names[k]}={values[k]}" for k in swept if k in values]
-    name = ",".join(parts) or "job"
-    return name.replace("/", "_")
+    return path_component(",".join(parts) or "job")
 
 
 def sweep_name(fixed: Sequence[str], swept: Sequence[str]) -> str:

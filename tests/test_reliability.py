@@ -248,3 +248,20 @@ def test_a_crash_inside_a_sweep_is_failed_recorded_and_exit_3(isolated: Path) ->
     [crashed] = [p for p in sweep_dir.glob("*/summary.json") if "1000000000000" in str(p)]
     assert json.loads(crashed.read_text())["error"].startswith("RuntimeError")
     assert "failed while setting up" in (crashed.parent / "train.log").read_text()
+
+
+def test_run_and_job_names_are_single_bounded_path_components(isolated: Path) -> None:
+    sizes = "[" + ",".join(f"{0.001 * i:.3f}" for i in range(1, 80)) + "]"  # ~500 characters
+    long = [f"trainer.probe_step_sizes={sizes}", "data.root=/tmp/some/dir"]
+    result = runner.invoke(app, ["train", *long, "trainer=debug", "trainer.progress=none",
+                                 "device=cpu"])
+    assert result.exit_code == 0, result.output
+    [run] = (isolated / "outputs" / "runs").iterdir()  # one level: no nesting on `/`
+    assert (run / "summary.json").is_file() and len(run.name.encode()) <= 120
+    assert sizes in (run / ".hydra" / "overrides.yaml").read_text()  # the full overrides
+    swept = runner.invoke(app, ["sweep", "--name", "../../escape", "seed=0,1", *long,
+                                "trainer=debug", "trainer.progress=none", "device=cpu"])
+    assert swept.exit_code == 0, swept.output
+    [sweep_dir] = (isolated / "outputs" / "sweeps").iterdir()
+    assert sweep_dir.name == ".._.._escape" and not (isolated / "escape").exists()
+    assert len(list(sweep_dir.glob("*/summary.json"))) == 2
