@@ -42,6 +42,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def discard_partial_writes(run_dir: Path) -> list[Path]:
+    """Remove the temporary files a hard-killed writer left (SIGKILL cannot be caught, so
+    atomic_write_bytes cannot clean up after it). They were never renamed into place, so
+    nothing ever read them; only the process that owns run_dir may call this."""
+    left = [p for p in Path(run_dir).rglob(".*.tmp") if p.is_file()]
+    for path in left:
+        path.unlink(missing_ok=True)
+    return left
+
+
 def _jsonable(value: Any) -> Any:
     # NaN/inf are not JSON; a diverged run's loss is recorded as null.
     if isinstance(value, float) and not math.isfinite(value):

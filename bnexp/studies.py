@@ -383,9 +383,7 @@ def lr_claims(runs: list[Run]) -> list[Verdict]:
     for act in sorted({r.config.get("model.activation") for r in runs}):
         bn = pick(runs, norm="batch", activation=act)
         plain = pick(runs, norm="none", activation=act)
-        for v in stability_claims(bn, plain, "BN", "no BN", f"stability.{act}",
-                                  f"BN ({act} MLP)"):
-            out.append(v)
+        out += stability_claims(bn, plain, "BN", "no BN", f"stability.{act}", f"BN ({act} MLP)")
     return out
 
 

@@ -570,6 +570,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Trainer:
     model = models.build(cfg.model, ds.in_shape, ds.num_classes).to(device)
     if cfg.trainer.precision == "fp64":
         model = model.double()
+    record.discard_partial_writes(run_dir)
     record.write_summary(run_dir, "running", config, {}, env, config_hash=config_hash(cfg))
     trainer = Trainer(cfg, run_dir, device, ds, model, config,
                       purge_step=ckpt["step"] + 1 if ckpt else None)
