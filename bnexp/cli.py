@@ -17,6 +17,7 @@ from pathlib import Path
 
 import typer
 
+from bnexp import interrupt
 from bnexp.config import GROUPS, default_options, describe_option, group_options
 
 EXIT_BAD_INPUT = 2  # 3 (a sweep had failed jobs) is bnexp.sweep.EXIT_SOME_FAILED
@@ -78,13 +79,19 @@ def _hydra(argv: list[str]) -> int:
     main = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     saved, sys.argv = sys.argv, ["bnexp", *argv]
     try:
-        main(hydra_task)()
+        # Hydra's composition swallows a KeyboardInterrupt now and then: record, do not raise.
+        with interrupt.handled(), interrupt.deferred():
+            main(hydra_task)()
+    except KeyboardInterrupt:
+        pass  # before any task began: nothing was written
     except SystemExit as exc:  # Hydra reports its own errors, then exits; 130/143: interrupted
-        return exc.code if exc.code in (130, 143) else EXIT_BAD_INPUT if exc.code else 0
+        if not interrupt.requested():
+            return exc.code if exc.code in (130, 143) else EXIT_BAD_INPUT if exc.code else 0
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()
-    return 0
+    # A signal that a library turned into another error is still a signal.
+    return interrupt.exit_code() if interrupt.requested() else 0
 
 
 def _check_writable(overrides: list[str]) -> None:
@@ -112,12 +119,25 @@ def _check_writable(overrides: list[str]) -> None:
 
 
 def _run_hydra(overrides: list[str]) -> int:
+    """`bnexp train` and `bnexp resume`: check, run, report. A stop signal at any moment ends
+    with 130/143 and leaves nothing or an interrupted run (see bnexp.interrupt)."""
+    with interrupt.handled():
+        try:
+            return _check_and_run(overrides)
+        except KeyboardInterrupt:
+            return interrupt.exit_code()
+
+
+def _check_and_run(overrides: list[str]) -> int:
     from bnexp.config import ConfigError, compose
 
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     try:
         if not multirun:  # bad input stops here, before any directory exists
-            cfg = compose(overrides)
+            with interrupt.deferred():
+                cfg = compose(overrides)
+            if interrupt.requested():
+                return interrupt.exit_code()
             from bnexp.data import DataError
             from bnexp.train import preflight  # torch only once the config is known good
 
@@ -127,6 +147,8 @@ def _run_hydra(overrides: list[str]) -> int:
                 raise ConfigError(str(exc)) from None
             _check_writable(overrides)
     except ConfigError as exc:
+        if interrupt.requested():  # a Ctrl-C that a library turned into an error
+            return interrupt.exit_code()
         _error(str(exc))
         return EXIT_BAD_INPUT
     from bnexp import train
@@ -569,4 +591,8 @@ def inspect(run: Path = typer.Argument(..., help="A run directory or a checkpoin
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        if interrupt.requested():  # ending on a signal: another Ctrl-C must not print a trace
+            interrupt.ignore_further()

@@ -12,9 +12,11 @@ Every file is written to a temporary name and renamed, so a crash never leaves h
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +42,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+LOCK = ".lock"
+
+
+def hold(run_dir: Path) -> Any:
+    """This process's exclusive hold on a run directory while it trains there (an flock on
+    `.lock`, which the kernel releases when the process ends, even by SIGKILL), or None when
+    another process holds it. Close the returned file to release it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held for the run's life, closed by callers
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def holder(run_dir: Path) -> str | None:
+    """'host pid' of the process that trains in run_dir now, or None when none does."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+    return None
 
 
 def discard_partial_writes(run_dir: Path) -> list[Path]:

@@ -163,8 +163,11 @@ CLAIMS = ".claims"
 
 
 def claim(sweep_dir: Path, name: str) -> bool:
-    """Take the job for this process (an exclusive claim file) unless a live process on this
-    host holds it; a claim left by a dead process is taken over."""
+    """Take the job for this process (an exclusive claim file), unless a live process holds
+    the claim or trains in the job's directory (a worker left by a killed sweep). A claim
+    whose process is gone, or that cannot be read, is taken over."""
+    from bnexp.record import holder
+
     folder = sweep_dir / CLAIMS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.claim"
@@ -177,25 +180,53 @@ def claim(sweep_dir: Path, name: str) -> bool:
             path.unlink(missing_ok=True)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            f.write(f"{socket.gethostname()} {os.getpid()} {_started(os.getpid())}\n")
+        if holder(sweep_dir / name):
+            path.unlink(missing_ok=True)
+            return False
         return True
     return False
 
 
+CLAIM_WRITE_SECONDS = 10  # an unreadable claim younger than this may be being written
+
+
+def _started(pid: int) -> str:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the PID
+    it names one process, even after the PID is reused. '-' where /proc is not there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "-"
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 def _held_by_live_process(path: Path) -> bool:
     try:
-        host, pid = path.read_text().split()
+        host, pid, *started = path.read_text().split()
+        pid_number = int(pid)
     except (OSError, ValueError):
-        return True  # being written right now
+        try:  # empty or garbled: a writer that died, unless it is being written this moment
+            return time.time() - path.stat().st_mtime < CLAIM_WRITE_SECONDS
+        except OSError:
+            return False
     if host != socket.gethostname():
         return True  # another machine's (a cluster): trust it
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid_number, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = _started(pid_number)
+    if now == "-":
+        return True  # no /proc to tell: trust the claim
+    if started and started[0] != "-":
+        return started[0] == now  # the same PID and start time: the same process
+    try:  # a claim of an older bnexp without the start time: is that PID a bnexp at all?
+        return b"bnexp" in Path(f"/proc/{pid_number}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def release(sweep_dir: Path, name: str) -> None:

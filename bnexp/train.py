@@ -11,20 +11,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
+import os
+import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from bnexp import data, metrics, models, probes, record
+from bnexp import data, interrupt, metrics, models, probes, record
 from bnexp.config import UNHASHED, ConfigError, config_hash, resolved
 from bnexp.device import (
     choose_eval_batch_size,
@@ -33,6 +34,7 @@ from bnexp.device import (
     resolve_device,
     seed_everything,
 )
+from bnexp.interrupt import StopFlag
 
 log = logging.getLogger("bnexp")
 RESIDENT_FLOAT_BYTES = 2**31  # a standardized float copy of the training set up to this size
@@ -490,31 +492,6 @@ def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per
 # ----------------------------------------------------------------------------- entry
 
 
-@dataclass
-class StopFlag:
-    signal: str | None = None
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
-    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at the end of the current step, where
-    a checkpoint is consistent; the run is then recorded as interrupted."""
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        flag.signal = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def resume_checkpoint(cfg: DictConfig) -> dict | None:
     """The checkpoint to continue from when cfg.resume is set, after checking that it is a
     run directory of this very config; None when not resuming."""
@@ -597,16 +574,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if vectorized.capturable(cfg, resolve_device(cfg.device)):
         # A stack of one: its step (forward, backward, update) is captured in a CUDA graph.
         return vectorized.run_group([cfg], [run_dir])[0]
-    trainer = prepare(cfg, run_dir)
+    with interrupt.immediate():
+        trainer = prepare(cfg, run_dir)
     status, error, notes = "completed", None, {}
     try:
-        with trainer.progress, stop_on_signals() as stop:
+        with trainer.progress, interrupt.deferred() as stop:
             trainer.fit(stop)
         if trainer.history.diverged_at_step is not None:
             status = "diverged"
-    except KeyboardInterrupt as exc:  # a stop signal (see stop_on_signals), or a raw Ctrl-C
+    except KeyboardInterrupt:  # a stop signal, seen between two steps (see bnexp.interrupt)
         status = "interrupted"
-        notes["interrupted_by"] = "SIGTERM" if "SIGTERM" in str(exc) else "SIGINT"
+        notes["interrupted_by"] = interrupt.requested() or "SIGINT"
     except Exception as exc:  # recorded, then reported by the CLI with exit code 1
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.exception("bnexp: run failed")
@@ -617,6 +595,11 @@ def finish(trainer: Trainer, status: str, error: str | None = None,
            notes: dict | None = None) -> dict:
     """Write what a run ends with: checkpoint, summary metrics, final evaluations in both BN
     modes, HParams, summary.json. Returns the summary as read back from disk."""
+    with interrupt.deferred():  # a second Ctrl-C must not cut the results in half
+        return _finish(trainer, status, error, notes)
+
+
+def _finish(trainer: Trainer, status: str, error: str | None, notes: dict | None) -> dict:
     cfg, run_dir, notes = trainer.cfg, trainer.run_dir, dict(notes or {})
     if status == "interrupted" or (status == "failed" and cfg.trainer.checkpoint_every):
         trainer.save(record.LAST_CHECKPOINT)  # what `bnexp resume` continues from
@@ -672,15 +655,43 @@ def hydra_task(cfg: DictConfig) -> int:
     launchers can pickle it). Returns the run's exit code."""
     from hydra.core.hydra_config import HydraConfig
 
-    from bnexp.config import ConfigError, validate
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if interrupt.requested():  # a Ctrl-C that start-up swallowed (see bnexp.interrupt)
+        if not cfg.resume:
+            remove_hydra_files(run_dir)
+        finished.append((run_dir, None, interrupt.exit_code()))
+        raise SystemExit(interrupt.exit_code())
+    before = StartSnapshot.take(run_dir)
     if cfg.device == "auto" and hc.mode.name == "MULTIRUN" and torch.cuda.device_count() > 1:
         cfg.device = f"cuda:{hc.job.num % torch.cuda.device_count()}"  # spread jobs over GPUs
+    held = record.hold(run_dir)
+    if held is None:  # two `bnexp resume` of one run, or a sweep job an orphan still trains
+        print(f"bnexp: error: {run_dir} is in use: a bnexp process ({record.holder(run_dir)}) "
+              "is training there now. Nothing was changed; wait for it to end or stop it, "
+              "then run the command again.", file=sys.stderr)
+        finished.append((run_dir, None, EXIT_BAD_INPUT))
+        return EXIT_BAD_INPUT
+    with held:
+        return _task(cfg, hc, run_dir, before)
+
+
+def _task(cfg: DictConfig, hc: Any, run_dir: Path, before: StartSnapshot) -> int:
+    """hydra_task once the run directory is this process's: train, record, exit code."""
+    from bnexp.config import ConfigError, validate
+
+    parent = os.environ.get("BNEXP_SWEEP_PARENT", "")
+    if parent.startswith(f"{socket.gethostname()}:"):
+        interrupt.watch_parent(int(parent.rsplit(":", 1)[1]))
     try:
         validate(cfg)
         summary = run(cfg, run_dir)
+    except KeyboardInterrupt:  # during set-up: the run never started
+        with interrupt.deferred():
+            before.restore(bool(cfg.resume))
+        finished.append((run_dir, None, interrupt.exit_code()))
+        raise SystemExit(interrupt.exit_code()) from None
     except (ConfigError, data.DataError) as exc:
         print(f"bnexp: error: {exc}", file=sys.stderr)
         if hc.mode.name == "MULTIRUN":  # a sweep job: leave a record of why it failed
@@ -715,9 +726,38 @@ def hydra_task(cfg: DictConfig) -> int:
     if summary["status"] == "interrupted":
         code = 143 if summary.get("notes", {}).get("interrupted_by") == "SIGTERM" else 130
         finished.append((run_dir, summary, code))
+        if interrupt.orphaned():  # the sweep that launched this worker is gone
+            logging.shutdown()
+            os._exit(code)
         raise SystemExit(code)  # stop here: a sweep must not go on to its next job
     finished.append((run_dir, summary, code))
     return code
+
+
+@dataclass
+class StartSnapshot:
+    """A run directory as it was when a task began, so that a stop signal during set-up can
+    leave it as it was: nothing for a new run, the interrupted run it held for a resume."""
+
+    run_dir: Path
+    files: set[Path]
+    summary: bytes | None
+
+    @classmethod
+    def take(cls, run_dir: Path) -> StartSnapshot:
+        summary = run_dir / record.SUMMARY
+        return cls(run_dir, set(run_dir.rglob("*")) if run_dir.is_dir() else set(),
+                   summary.read_bytes() if summary.is_file() else None)
+
+    def restore(self, resuming: bool) -> None:
+        for path in sorted(self.run_dir.rglob("*"), reverse=True):  # children first
+            if path not in self.files and path.name != "train.log":
+                with contextlib.suppress(OSError):
+                    path.rmdir() if path.is_dir() else path.unlink()
+        if self.summary is not None:
+            record.atomic_write_bytes(self.run_dir / record.SUMMARY, self.summary)
+        elif not resuming:
+            remove_hydra_files(self.run_dir)
 
 
 def record_failure(cfg: DictConfig, run_dir: Path, error: str) -> bool:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from bnexp import record, train
+from bnexp import interrupt, record, train
 from bnexp.config import UNHASHED, TrainerConfig, resolved
 from bnexp.device import choose_threads
 
@@ -404,7 +404,7 @@ class Stack:
         self.active[k] = 0
 
 
-def fit(stack: Stack, stop: train.StopFlag) -> None:
+def fit(stack: Stack, stop: interrupt.StopFlag) -> None:
     """Train.Trainer.fit for K models at once: the same cadences, the same records. The loop
     hands the stack runs of steps up to the next step with something to do (see
     steps_to_event); between them the step needs nothing from the host."""
@@ -523,7 +523,8 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
     """Train one stack of compatible configs (see group_key) and record every model's run."""
     trainers: list[train.Trainer] = []
     for cfg, run_dir in zip(cfgs, run_dirs):
-        tr = train.prepare(cfg, run_dir)
+        with interrupt.immediate():
+            tr = train.prepare(cfg, run_dir)
         if trainers:  # one standardized copy of the data for all (the data config is common)
             tr.x_train, tr.x_val = trainers[0].x_train, trainers[0].x_val
         if len(cfgs) > 1:
@@ -541,7 +542,7 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
     stack = None
     try:
         stack = Stack(trainers)
-        with contextlib.ExitStack() as scope, train.stop_on_signals() as stop, \
+        with contextlib.ExitStack() as scope, interrupt.deferred() as stop, \
                 warnings.catch_warnings():
             if len(trainers) == 1:  # a single run (see capturable) keeps its progress display
                 scope.enter_context(trainers[0].progress)
@@ -550,8 +551,8 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
             fit(stack, stop)
         statuses = ["diverged" if tr.history.diverged_at_step is not None else "completed"
                     for tr in trainers]
-    except KeyboardInterrupt as exc:
-        notes["interrupted_by"] = "SIGTERM" if "SIGTERM" in str(exc) else "SIGINT"
+    except KeyboardInterrupt:
+        notes["interrupted_by"] = interrupt.requested() or "SIGINT"
         statuses = ["diverged" if tr.history.diverged_at_step is not None else "interrupted"
                     for tr in trainers]
         for k, status in enumerate(statuses):
@@ -574,28 +575,32 @@ def hydra_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[in
     them, logs into every job's train.log, and returns their exit codes."""
     import sys
 
-    from bnexp import data
-    from bnexp.config import ConfigError, config_hash, validate
-
     handlers = [logging.FileHandler(Path(d) / "train.log") for d in run_dirs]
     for h in handlers:
         h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
         log.addHandler(h)
     try:
-        for cfg in cfgs:
-            validate(cfg)
-        summaries = run_group(cfgs, run_dirs)
-    except (ConfigError, data.DataError, OSError) as exc:
-        print(f"bnexp: error: {exc}", file=sys.stderr)
-        for cfg, run_dir in zip(cfgs, run_dirs):
-            record.write_summary(run_dir, "failed", resolved(cfg), {}, {}, error=str(exc),
-                                 config_hash=config_hash(cfg))
-            train.finished.append((Path(run_dir), None, 1))
-        return [1] * len(cfgs)
+        if interrupt.requested():
+            raise SystemExit(interrupt.exit_code())
+        before = [train.StartSnapshot.take(Path(d)) for d in run_dirs]
+        with contextlib.ExitStack() as scope:
+            held = [record.hold(Path(d)) for d in run_dirs]
+            for f in held:
+                if f is not None:
+                    scope.enter_context(f)
+            busy = [str(d) for d, f in zip(run_dirs, held) if f is None]
+            if busy:
+                print(f"bnexp: error: {', '.join(busy)}: in use by another bnexp process; "
+                      "nothing was changed there. Wait for it to end, then rerun.",
+                      file=sys.stderr)
+                return [train.EXIT_BAD_INPUT] * len(cfgs)
+            summaries = _train_stack(cfgs, run_dirs, before)
     finally:
         for h in handlers:
             log.removeHandler(h)
             h.close()
+    if summaries is None:
+        return [1] * len(cfgs)
     codes = []
     for run_dir, summary in zip(run_dirs, summaries):
         code = train.EXIT_BY_STATUS[summary["status"]]
@@ -607,3 +612,29 @@ def hydra_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[in
     if interrupted:
         raise SystemExit(interrupted[0])  # stop the sweep, as a single interrupted job does
     return codes
+
+
+def _train_stack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path],
+                 before: list[train.StartSnapshot]) -> list[dict] | None:
+    """The stack's runs, or None when set-up failed (each run then recorded as failed)."""
+    import sys
+
+    from bnexp import data
+    from bnexp.config import ConfigError, config_hash, validate
+
+    try:
+        for cfg in cfgs:
+            validate(cfg)
+        return run_group(cfgs, run_dirs)
+    except KeyboardInterrupt:  # during set-up: no run of the stack started
+        with interrupt.deferred():
+            for snapshot, cfg in zip(before, cfgs):
+                snapshot.restore(bool(cfg.resume))
+        raise SystemExit(interrupt.exit_code()) from None
+    except (ConfigError, data.DataError, OSError) as exc:
+        print(f"bnexp: error: {exc}", file=sys.stderr)
+        for cfg, run_dir in zip(cfgs, run_dirs):
+            record.write_summary(run_dir, "failed", resolved(cfg), {}, {}, error=str(exc),
+                                 config_hash=config_hash(cfg))
+            train.finished.append((Path(run_dir), None, 1))
+        return None

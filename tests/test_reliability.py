@@ -124,6 +124,26 @@ def test_hard_kills_never_leave_a_half_written_file(isolated: Path) -> None:
     assert not list(run_dir.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("signals,delays", [
+    (("SIGINT",), (1.5, 4.5)), (("SIGTERM",), (3.0,)), (("SIGINT", "SIGINT"), (5.0,))])
+def test_a_signal_at_any_moment_of_start_up_ends_the_run(
+        isolated: Path, signals: tuple[str, ...], delays: tuple[float, ...]) -> None:
+    """Hydra's composition once swallowed a Ctrl-C and a 100-epoch run trained to the end."""
+    runs = isolated / "outputs" / "runs"
+    for delay in delays:
+        proc = start(["train", "trainer.epochs=100", "trainer.progress=none", "device=cpu"])
+        time.sleep(delay)
+        for name in signals:
+            os.killpg(proc.pid, getattr(signal, name))
+            time.sleep(0.01)
+        out = proc.communicate(timeout=120)[0].decode()
+        assert proc.returncode == (143 if signals[0] == "SIGTERM" else 130), out
+        assert "Traceback" not in out, out
+        # Nothing, or an interrupted run: never a directory without a summary, or `running`.
+        for run in runs.iterdir() if runs.is_dir() else []:
+            assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+
+
 def test_runs_started_together_get_their_own_directories(isolated: Path) -> None:
     procs = [start(["train", "trainer=debug", "trainer.progress=none"]) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
@@ -270,3 +290,88 @@ def test_run_and_job_names_are_single_bounded_path_components(isolated: Path) ->
     [sweep_dir] = (isolated / "outputs" / "sweeps").iterdir()
     assert sweep_dir.name == ".._.._escape" and not (isolated / "escape").exists()
     assert len(list(sweep_dir.glob("*/summary.json"))) == 2
+
+
+def _workers_of(parent: int) -> list[int]:
+    """Live processes launched by the sweep process `parent` (see interrupt.watch_parent)."""
+    mark = f"BNEXP_SWEEP_PARENT={os.uname().nodename}:{parent}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in found if p != parent]
+
+
+def test_killing_a_parallel_sweep_leaves_no_orphan_and_no_job_runs_twice(isolated: Path) -> None:
+    args = ["sweep", "--name", "orphans", "--jobs", "2", "seed=0,1,2", "trainer.epochs=40",
+            "trainer.progress=none", "trainer.checkpoint_every=50", "device=cpu"]
+    parent = start(args)
+    sweep_dir = isolated / "outputs" / "sweeps" / "orphans"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(
+            json.loads(p.read_text()).get("status") == "running"
+            for p in sweep_dir.glob("seed=*/summary.json") if p.stat().st_size):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(parent.pid, signal.SIGKILL)  # the parent alone: its workers are not signalled
+    parent.wait(timeout=30)
+    deadline = time.time() + 30
+    while _workers_of(parent.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _workers_of(parent.pid), "workers trained on after their sweep was killed"
+    statuses = [json.loads(p.read_text())["status"] for p in sweep_dir.glob("seed=*/summary.json")]
+    assert "running" not in statuses and "interrupted" in statuses, statuses
+    rerun = start(args)
+    out = rerun.communicate(timeout=600)[0].decode()
+    assert rerun.returncode == 0, out
+    for job in sweep_dir.glob("seed=*"):
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["status"] == "completed", job
+        events = EventAccumulator(str(job), size_guidance={"scalars": 0})
+        events.Reload()
+        steps = [e.step for e in events.Scalars("train/loss")]
+        assert steps == sorted(set(steps)), job  # resumed where it stopped, no step twice
+
+
+@pytest.mark.parametrize("content", ["", "\x00\x01garbage", "{host} {sleeper} 1"])
+def test_a_claim_that_names_no_live_bnexp_process_is_taken_over(
+        isolated: Path, content: str) -> None:
+    """Empty, unreadable, or naming a live process that is not its writer (PID reuse)."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        claims = isolated / "outputs" / "sweeps" / "claimed" / ".claims"
+        claims.mkdir(parents=True)
+        path = claims / "seed=0.claim"
+        path.write_text(content.format(host=os.uname().nodename, sleeper=sleeper.pid))
+        old = time.time() - 60  # not a claim being written this moment
+        os.utime(path, (old, old))
+        result = runner.invoke(app, ["sweep", "--name", "claimed", "seed=0,1", "trainer=debug",
+                                     "trainer.progress=none"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads((claims.parent / "seed=0" / "summary.json").read_text())
+        assert summary["status"] == "completed"
+    finally:
+        sleeper.kill()
+
+
+def test_two_resumes_of_one_run_at_once_one_refuses(isolated: Path) -> None:
+    run_dir = isolated / "twice"
+    first = start(["train", "trainer.epochs=30", "trainer.progress=none",
+                   "trainer.checkpoint_every=50", f"hydra.run.dir={run_dir}"])
+    wait_for(run_dir / "checkpoints" / "last.pt")
+    os.killpg(first.pid, signal.SIGINT)
+    first.wait(timeout=60)
+    again = start(["resume", str(run_dir)])
+    deadline = time.time() + 120
+    while json.loads((run_dir / "summary.json").read_text())["status"] != "running" \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    second = runner.invoke(app, ["resume", str(run_dir)])
+    assert second.exit_code == 2, second.output
+    assert "in use" in second.output and str(run_dir) in second.output
+    out = again.communicate(timeout=300)[0].decode()
+    assert again.returncode == 0, out
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +139,7 @@ class BnexpSweeper(Sweeper):
         return cfg
 
     def sweep(self, arguments: list[str]) -> Any:
-        from bnexp import sweep
+        from bnexp import interrupt, sweep
 
         # The command line wins over the config's grid (hydra.sweeper.params) key by key.
         given = {a.split("=", 1)[0].lstrip("+~") for a in arguments}
@@ -157,6 +159,8 @@ class BnexpSweeper(Sweeper):
                          status)
             return []
         self._refuse_or_move(plan, sweep_dir)
+        # A worker process that outlives this one stops itself (see interrupt.watch_parent).
+        os.environ["BNEXP_SWEEP_PARENT"] = f"{socket.gethostname()}:{os.getpid()}"
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         manifest = sweep.new_manifest(sweep_dir, arguments, swept)
@@ -170,6 +174,8 @@ class BnexpSweeper(Sweeper):
                                        else len(todo))
         returns, done = [], len(plan) - len(todo)
         for start in range(0, len(todo), max(size, 1)):
+            if interrupt.requested():  # recorded while planning or by the last batch
+                break
             chunk = []
             for job in todo[start : start + size]:
                 # Another process resuming the same sweep may have run or taken this job;
@@ -199,6 +205,9 @@ class BnexpSweeper(Sweeper):
             try:
                 if batch:
                     returns.append(self.launcher.launch(batch, initial_job_idx=start))
+            except (KeyboardInterrupt, SystemExit):  # a stop signal: the manifest says so
+                self._write_manifest(sweep_dir, manifest, plan)
+                raise
             finally:
                 for job in chunk:
                     sweep.release(sweep_dir, job["name"])
@@ -209,6 +218,9 @@ class BnexpSweeper(Sweeper):
                 done += 1
                 log.info("[%d/%d] %s: %s", done, len(plan), job["name"], status)
             self._write_manifest(sweep_dir, manifest, plan)
+        if interrupt.requested():
+            self._write_manifest(sweep_dir, manifest, plan)
+            raise SystemExit(interrupt.exit_code())
         return returns
 
     @staticmethod

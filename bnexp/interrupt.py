@@ -1,0 +1,127 @@
+"""Ctrl-C and SIGTERM: the first stop signal of a command, remembered for the whole process.
+
+A signal normally raises KeyboardInterrupt wherever Python happens to be, and libraries that
+run in start-up can swallow it (OmegaConf does, while Hydra composes the config: a 100-epoch
+run then trained to the end). So the signal is also recorded here, and every later point that
+starts work (a task, the first training step) reads the record: a lost Ctrl-C still stops.
+Inside `deferred()` (Hydra's own start-up and launching, the training loop, writing a run's
+results) a signal is only recorded: the loop stops between two steps, where a checkpoint is
+consistent, and a second Ctrl-C cannot cut a summary in half. `immediate()` marks the set-up
+that may take long (data), where a signal raises at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report
+
+
+@dataclass
+class StopFlag:
+    signal: str | None = None
+
+
+STOP = StopFlag()  # this process's record
+_state = {"installed": 0, "deferred": 0}
+
+
+def _handler(signum: int, frame: object) -> None:
+    STOP.signal = STOP.signal or signal.Signals(signum).name
+    if not _state["deferred"]:
+        raise KeyboardInterrupt(STOP.signal)
+
+
+def requested() -> str | None:
+    """The stop signal received so far in this command ('SIGINT', 'SIGTERM'), or None."""
+    return STOP.signal
+
+
+def exit_code(name: str | None = None) -> int:
+    return EXIT_CODES.get(name or STOP.signal or "SIGINT", 130)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[StopFlag]:
+    """Record stop signals for the duration of a command (a fresh record for each command
+    run in this process); the previous handlers come back afterwards."""
+    if not _main_thread() or _state["installed"]:
+        yield STOP
+        return
+    STOP.signal = None
+    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    _state["installed"] += 1
+    try:
+        yield STOP
+    finally:
+        _state["installed"] -= 1
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[StopFlag]:
+    """Inside, a stop signal only sets the flag: the caller polls it where stopping is safe.
+    Installs the handlers if no command did (a launcher's worker process)."""
+    with handled() if not _state["installed"] else contextlib.nullcontext(STOP):
+        _state["deferred"] += 1
+        try:
+            yield STOP
+        finally:
+            _state["deferred"] -= 1
+
+
+@contextlib.contextmanager
+def immediate() -> Iterator[None]:
+    """Inside (set-up that can take long: reading or downloading data), a signal raises
+    KeyboardInterrupt at once, even within deferred(); one already recorded raises now."""
+    saved, _state["deferred"] = _state["deferred"], 0
+    try:
+        if STOP.signal:
+            raise KeyboardInterrupt(STOP.signal)
+        yield
+    finally:
+        _state["deferred"] = saved
+
+
+def ignore_further() -> None:
+    """The process is ending after a stop signal: later ones (a second Ctrl-C while Python
+    shuts down) are ignored rather than shown as a traceback from an exit handler."""
+    if _main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+_orphaned = threading.Event()
+
+
+def watch_parent(parent: int, every: float = 0.2) -> None:
+    """In a launcher's worker process: if the parent (the sweep) dies, even by SIGKILL, stop
+    as if SIGTERM had come, so that the run ends interrupted, with its checkpoint, and no
+    orphan trains on while a rerun of the sweep takes the job."""
+    if os.getppid() != parent:
+        return
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                _orphaned.set()
+                STOP.signal = STOP.signal or "SIGTERM"
+            time.sleep(every)
+
+    threading.Thread(target=watch, name="bnexp-parent-watch", daemon=True).start()
+
+
+def orphaned() -> bool:
+    return _orphaned.is_set()
