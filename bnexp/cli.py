@@ -128,14 +128,54 @@ def _run_hydra(overrides: list[str]) -> int:
             return interrupt.exit_code()
 
 
-def _check_and_run(overrides: list[str]) -> int:
-    from bnexp.config import ConfigError, compose
+# Hydra's flags that `bnexp train` passes on, and whether each takes a value.
+HYDRA_FLAGS = {"-m": False, "--multirun": False, "--cfg": True, "-c": True, "--resolve": False,
+               "--package": True, "-p": True, "--info": True, "-i": True}
 
-    multirun = any(a in ("-m", "--multirun") for a in overrides)
+
+def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides); an unknown flag is bad input."""
+    from bnexp.config import ConfigError
+
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-") and not arg.startswith("~"):
+            name = arg.split("=", 1)[0]
+            if name not in HYDRA_FLAGS:
+                raise ConfigError(
+                    f"unknown option {arg!r}. Allowed here: overrides (key=value, group=option) "
+                    f"and Hydra's flags {', '.join(HYDRA_FLAGS)}; see `bnexp train --help`.")
+            takes = HYDRA_FLAGS[name] and "=" not in arg and i + 1 < len(args) \
+                and not args[i + 1].startswith("-") and "=" not in args[i + 1]
+            flags += args[i : i + 1 + takes]
+            i += 1 + takes
+        else:
+            overrides.append(arg)
+            i += 1
+    return flags, overrides
+
+
+def _check_and_run(overrides: list[str]) -> int:
+    from bnexp.config import ConfigError, check_overrides, compose
+
     try:
+        flags, plain = _split_flags(overrides)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_BAD_INPUT
+    multirun = any(a in ("-m", "--multirun") for a in flags)
+    try:
+        if any(f in ("--cfg", "-c", "--info", "-i") for f in flags):
+            check_overrides(plain)
+            return _hydra(overrides)  # Hydra prints the config or its info, runs nothing
+        if multirun:  # every job checked as a single run is, before any runs (our sweeper)
+            check_overrides(plain)
+            if not any(o.startswith("hydra/sweeper=") for o in plain):
+                overrides = [*overrides, "hydra/sweeper=bnexp"]
         if not multirun:  # bad input stops here, before any directory exists
             with interrupt.deferred():
-                cfg = compose(overrides)
+                cfg = compose(plain)
             if interrupt.requested():
                 return interrupt.exit_code()
             from bnexp.data import DataError
@@ -145,7 +185,7 @@ def _check_and_run(overrides: list[str]) -> int:
                 preflight(cfg)
             except DataError as exc:
                 raise ConfigError(str(exc)) from None
-            _check_writable(overrides)
+            _check_writable(plain)
     except ConfigError as exc:
         if interrupt.requested():  # a Ctrl-C that a library turned into an error
             return interrupt.exit_code()
@@ -169,12 +209,22 @@ def _check_and_run(overrides: list[str]) -> int:
     return max([code, *(c for *_, c in train.finished)])
 
 
+def _quote_path(override: str) -> str:
+    """`resume=DIR` and `hydra.run.dir=DIR` as one quoted value: a sweep job's directory
+    (`lr=0.1,seed=0`) would otherwise read as Hydra's grammar."""
+    key, value = override.split("=", 1)
+    if value[:1] in ("'", '"'):
+        return override
+    return f"{key}='" + value.replace("'", "\\'") + "'"
+
+
 @app.command(context_settings=PASSTHROUGH, help=TRAIN_HELP)
 def train(ctx: typer.Context) -> None:
-    overrides = list(ctx.args)
+    overrides = [_quote_path(o) if o.startswith(("resume=", "hydra.run.dir=")) else o
+                 for o in ctx.args]
     resume_at = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if resume_at and not any(o.startswith("hydra.run.dir=") for o in overrides):
-        overrides.append(f"hydra.run.dir='{resume_at[-1]}'")  # continue in the same directory
+        overrides.append(f"hydra.run.dir={resume_at[-1]}")  # continue in the same directory
     raise typer.Exit(_run_hydra(overrides))
 
 
@@ -188,9 +238,18 @@ def resume(run: Path = typer.Argument(..., help="The run directory to continue."
         _error(f"{run} is not a run directory: it has no .hydra/overrides.yaml. Allowed: a "
                "directory that `bnexp train` wrote.")
         raise typer.Exit(EXIT_BAD_INPUT)
-    given = [o for o in yaml.safe_load(overrides_file.read_text()) or []
-             if not o.startswith("resume=")]
-    raise typer.Exit(_run_hydra([*given, f"resume='{run}'", f"hydra.run.dir='{run}'"]))
+    try:
+        given = yaml.safe_load(overrides_file.read_text()) or []
+        if not isinstance(given, list) or not all(isinstance(o, str) for o in given):
+            raise ValueError("not a list of overrides")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        _error(f"{overrides_file} cannot be read ({' '.join(str(exc).split())}), so the run's "
+               "overrides are unknown. Resume with them given by hand: `bnexp train "
+               f"OVERRIDES resume={run}`.")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    given = [o for o in given if not o.startswith("resume=")]
+    raise typer.Exit(_run_hydra([*given, _quote_path(f"resume={run}"),
+                                 _quote_path(f"hydra.run.dir={run}")]))
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -278,15 +337,23 @@ def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
                   move_aside: bool = False) -> tuple[int, Path]:
     """Run a multirun through our sweeper into outputs/<kind>/<name>; (exit code, sweep dir)."""
     from bnexp import sweep as sweeps
-    from bnexp.config import ConfigError, compose, outputs_root, path_component
+    from bnexp.config import ConfigError, check_overrides, compose, outputs_root, path_component
 
     if vectorize and (jobs > 1 or any(o.startswith("hydra/launcher=") for o in overrides)):
         _error("--vectorize trains in one process with its own launcher: it cannot be "
                "combined with --jobs N or hydra/launcher=...; drop one of them.")
         return EXIT_BAD_INPUT, Path()
     try:
+        flags = [o for o in overrides if o.startswith("-")]
+        if flags:
+            command = "sweep" if kind == "sweeps" else "reproduce"
+            raise ConfigError(
+                f"unknown option {flags[0]!r}. `bnexp {command}` takes the options listed by "
+                f"`bnexp {command} --help`, then overrides (key=value, key=a,b,c).")
+        check_overrides(overrides)  # grammar, keys and group options, swept values included
         fixed, swept = sweeps.split_overrides(overrides)
         compose(fixed)  # the common part must be valid; each job is validated before launch
+        _check_writable([])  # the outputs root (BNEXP_OUTPUTS)
     except (ConfigError, ValueError) as exc:
         _error(str(exc))
         return EXIT_BAD_INPUT, Path()
@@ -453,7 +520,19 @@ def compare(
         _error(f"no runs (directories with summary.json) under {', '.join(map(str, paths))}"
                + (f" matching {' '.join(where)}" if where else "") + ".")
         raise typer.Exit(EXIT_BAD_INPUT)
+    recorded = sorted(set().union(*(r.metrics for r in runs)))
+    for option, names in (("--metric", metric or []), ("--lr-metric", [lr_metric])):
+        unknown = [m for m in names if m not in recorded]
+        if unknown:
+            _error(f"Invalid value for {option}: {unknown[0]!r}: no run records it. Allowed: "
+                   f"{', '.join(recorded)}.")
+            raise typer.Exit(EXIT_BAD_INPUT)
     result = cmp.compare(runs, metric or cmp.DEFAULT_METRICS, per_run, lr_metric, tolerance)
+    columns = list(dict.fromkeys(k for row in result["rows"] for k in row))
+    if sort and sort not in columns:
+        _error(f"Invalid value for --sort: {sort!r} is not a column of this comparison. "
+               f"Allowed: {', '.join(columns)} (add a metric with --metric to sort by it).")
+        raise typer.Exit(EXIT_BAD_INPUT)
     rows = cmp.sort_rows(result["rows"], sort, not ascending)
     lr_rows = cmp.sort_rows(result["lr"], None, True)
     if fmt == "json":
@@ -500,7 +579,18 @@ def plot(
     if not runs:
         _error(f"no runs (directories with summary.json) under {path}.")
         raise typer.Exit(EXIT_BAD_INPUT)
-    pngs = plots.save(plots.make_figures(runs, metric), out or path / "plots")
+    target = out or path / "plots"
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        _error(f"Invalid value for --out: {str(target)!r}: {existing} is a file. Allowed: a "
+               "directory (it is created if missing).")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    recorded = sorted(set().union(*(r.metrics for r in runs)))
+    if metric not in recorded:
+        _error(f"Invalid value for --metric: {metric!r}: no run records it. Allowed: "
+               f"{', '.join(m for m in recorded if 'acc' in m)}.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    pngs = plots.save(plots.make_figures(runs, metric), target)
     for png in pngs:
         typer.echo(f"wrote {png}")
     if tensorboard:
@@ -525,10 +615,19 @@ def board(
     if not path.exists():
         _error(f"no such directory: {path}. Train or sweep first, or pass a path.")
         raise typer.Exit(EXIT_BAD_INPUT)
-    if port == 0:
-        with socket.socket() as sock:
-            sock.bind((host, 0))
+    if not 0 <= port <= 65535:
+        _error(f"Invalid value for --port: {port}. Allowed: 1..65535, or 0 for a free one.")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        with socket.socket() as sock:  # the host resolves and the port is free: say so now
+            sock.bind((host, port))
             port = sock.getsockname()[1]
+    except OSError as exc:
+        key, value = ("--host", host) if isinstance(exc, socket.gaierror) else ("--port", port)
+        _error(f"Invalid value for {key}: {value!r}. TensorBoard cannot serve on {host}:{port} "
+               f"({exc.strerror or exc}). Allowed: a local interface name or address, and a "
+               "free port (0 picks one).")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     from tensorboard import program
 
     tb = program.TensorBoard()

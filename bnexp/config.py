@@ -334,8 +334,14 @@ def check_overrides(overrides: Sequence[str]) -> None:
     known = _keys(base)
     for ov in parsed:
         key = ov.key_or_group
-        if key in GROUPS or key.startswith("hydra") or ov.is_add() or ov.is_force_add():
+        if key in GROUPS or key.startswith("hydra"):
             continue
+        if key not in known and (ov.is_add() or ov.is_force_add()):
+            raise ConfigError(
+                f"{ov.input_line}: bnexp's config has no key {key}, and a key added with '+' "
+                f"is read by nothing, so this would change nothing.{_suggest(key, known)} "
+                "Run `bnexp config` to see every key."
+            )
         if key not in known:
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             siblings = [k for k in known if k.rsplit(".", 1)[0] == parent and "." in k] if parent \
@@ -357,7 +363,8 @@ def _omegaconf_error(exc: BaseException) -> ConfigError | None:
         if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
             value = getattr(seen, "value", None)
             msg = str(getattr(seen, "msg", seen)).splitlines()[0]
-            return ConfigError(f"{seen.full_key}={value}: {msg}.")
+            shown = seen.full_key if value is None else f"{seen.full_key}={value}"
+            return ConfigError(f"{shown}: {msg}.")
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -387,7 +394,15 @@ def compose(overrides: Sequence[str] = (), check: bool = True) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     if check:
-        validate(cfg)
+        try:
+            validate(cfg)
+        except ConfigError:
+            raise
+        except Exception as exc:  # an interpolation that cannot resolve (optim.lr=${nope})
+            translated = _omegaconf_error(exc)
+            if translated is None:
+                raise
+            raise translated from None
     return cfg
 
 

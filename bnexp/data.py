@@ -195,7 +195,13 @@ def load(cfg: DictConfig) -> Dataset:
     x_train, y_train, x_val, y_val = (torch.from_numpy(a) for a in arrays)
     num_classes = SPECS[cfg.name].num_classes
     for split, y in (("training", y_train), ("validation", y_val)):
-        if len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= num_classes:
+        if len(y) == 0:
+            raise DataError(
+                f"Invalid value for data.val_fraction: {cfg.val_fraction}. It leaves the "
+                f"{split} split of data={cfg.name} empty ({len(y_train) + len(y_val)} samples "
+                "in all); allowed: a fraction that keeps at least one sample on each side, "
+                "e.g. 0.2.")
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise DataError(
                 f"data={cfg.name}: the {split} split has {len(y)} samples with labels outside "
                 f"0..{num_classes - 1}; the files under {cfg.root} are not {cfg.name}."

@@ -252,6 +252,26 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def _quiet_writer_errors() -> None:
+    """TensorBoard's writer thread re-raises a write error (a full disk) after storing it, and
+    Python prints that as a traceback; the run's own thread raises the same error at its
+    next write and records the run as failed in one paragraph, so the thread stays silent."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "bnexp", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(
+                args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.bnexp = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class Events:
     """TensorBoard event writer for one run, writing into the run directory itself so that
     `tensorboard --logdir outputs` lists each run under its own readable name."""
@@ -259,6 +279,8 @@ class Events:
     def __init__(self, run_dir: Path, purge_step: int | None = None):
         from tensorboard.summary.writer import record_writer
         from torch.utils.tensorboard import SummaryWriter
+
+        _quiet_writer_errors()
 
         crc32c(b"")  # its tables (~3 ms), built here rather than on the writer's thread
         record_writer.masked_crc32c = masked_crc32c  # the writer's checksum (see crc32c)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
 
 def find(paths: list[Path]) -> list[Run]:
     """Every run (a directory with summary.json) under the given paths, sorted by path.
-    Unreadable summaries are skipped: a run being written is not an error."""
+    An unreadable summary is skipped with a warning that names it; the rest are read."""
     found = []
     for root in paths:
         root = Path(root)
@@ -51,13 +52,18 @@ def find(paths: list[Path]) -> list[Run]:
         for file in files:
             try:
                 body = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError):
+                if not isinstance(body, dict):
+                    raise ValueError(f"a JSON {type(body).__name__}, not an object")
+                run = Run(file.parent, body.get("status", "unknown"),
+                          flatten(body.get("config") or {}), body.get("metrics") or {},
+                          body.get("notes") or {},
+                          {tag: [(int(s), v) for s, v in points]
+                           for tag, points in (body.get("curves") or {}).items()})
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                print(f"bnexp: warning: skipped {file}: it cannot be read as a run summary "
+                      f"({' '.join(str(exc).split())[:120]}).", file=sys.stderr)
                 continue
-            found.append(Run(file.parent, body.get("status", "unknown"),
-                             flatten(body.get("config", {})), body.get("metrics", {}),
-                             body.get("notes", {}),
-                             {tag: [(int(s), v) for s, v in points]
-                              for tag, points in (body.get("curves") or {}).items()}))
+            found.append(run)
     return sorted(found, key=lambda r: str(r.path))
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -76,8 +77,19 @@ def log_grid(spec: str) -> list[float]:
         raise ValueError(f"--lr-grid {spec!r}: expected LOW:HIGH:COUNT, e.g. 1e-3:10:9") from None
     if not (0 < lo_f < hi_f) or count < 2:
         raise ValueError(f"--lr-grid {spec!r}: need 0 < LOW < HIGH and COUNT >= 2")
+    if count > MAX_GRID:
+        raise ValueError(f"--lr-grid {spec!r}: COUNT={count} learning rates is more than a "
+                         f"sweep should hold; allowed: 2..{MAX_GRID}.")
     ratio = (hi_f / lo_f) ** (1 / (count - 1))
-    return [float(f"{lo_f * ratio**i:.4g}") for i in range(count)]
+    values = [float(f"{lo_f * ratio**i:.4g}") for i in range(count)]
+    if len(set(values)) < count:  # closer than the 4 significant digits a job name shows
+        raise ValueError(f"--lr-grid {spec!r}: {count} points between {lo_f:g} and {hi_f:g} "
+                         f"give only {len(set(values))} distinct learning rates at 4 "
+                         "significant digits; widen the range or use fewer points.")
+    return values
+
+
+MAX_GRID = 1000
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -90,8 +102,25 @@ def write_json_atomic(path: Path, body: Any) -> None:
 
 
 def read_manifest(sweep_dir: Path) -> dict:
+    """The manifest, or an empty one. An unreadable manifest (truncated, binary) is kept as
+    manifest.json.unreadable-<time> and rebuilt from the job directories, which hold the
+    truth; a warning names it."""
     path = Path(sweep_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {"jobs": {}}
+    if not path.is_file():
+        return {"jobs": {}}
+    try:
+        body = json.loads(path.read_text())
+        if not isinstance(body, dict) or not isinstance(body.get("jobs", {}), dict):
+            raise ValueError("not a bnexp manifest")
+        body.setdefault("jobs", {})
+        return body
+    except (OSError, ValueError) as exc:
+        kept = path.with_name(f"{MANIFEST}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, kept)
+        print(f"bnexp: warning: {path} could not be read ({' '.join(str(exc).split())[:100]});"
+              f" kept as {kept.name}, and the manifest is rebuilt from the job directories.",
+              file=sys.stderr)
+        return {"jobs": {}}
 
 
 def job_status(run_dir: Path, expected_hash: str) -> str:
@@ -101,8 +130,10 @@ def job_status(run_dir: Path, expected_hash: str) -> str:
         return "pending"
     try:
         summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "pending"
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):  # unreadable: never cleared, like another config's run
+        return "stale"
     if summary.get("config_hash") != expected_hash:
         return "stale"  # the config behind this directory changed: run again
     status = summary.get("status", "pending")
@@ -133,7 +164,7 @@ def config_differences(run_dir: Path, new_config: dict, most: int = 6) -> list[s
 
     try:
         old = flatten(json.loads((run_dir / "summary.json").read_text()).get("config", {}))
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         return ["(its summary.json cannot be read)"]
     new = flatten(new_config)
     out = []

@@ -492,6 +492,12 @@ def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per
 # ----------------------------------------------------------------------------- entry
 
 
+RESUME_KEYS = frozenset({
+    "model", "optimizer", "scheduler", "config", "config_hash", "step", "epoch", "perm", "pos",
+    "generator", "torch_rng", "cuda_rng", "numpy_rng", "python_rng", "window", "grad_norms",
+    "history", "elapsed"})  # what Trainer.restore reads
+
+
 def resume_checkpoint(cfg: DictConfig) -> dict | None:
     """The checkpoint to continue from when cfg.resume is set, after checking that it is a
     run directory of this very config; None when not resuming."""
@@ -505,7 +511,25 @@ def resume_checkpoint(cfg: DictConfig) -> dict | None:
             f"{record.SUMMARY} and {record.CHECKPOINTS}/{record.LAST_CHECKPOINT} (written every "
             f"trainer.checkpoint_every steps and when a run is interrupted)."
         )
-    ckpt = record.load_checkpoint(last)
+    try:
+        status = record.read_summary(path).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None  # unreadable: the checkpoint decides
+    if status in ("completed", "diverged"):
+        raise ConfigError(
+            f"resume={path}: this run is already {status}; there is nothing to resume and it "
+            "was left as it is. To train longer, start a new run with more trainer.epochs.")
+    try:
+        ckpt = record.load_checkpoint(last)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"resume={path}: {exc} The run was left as it is; rerun it from "
+                          "the start in a new directory (drop resume=).") from None
+    missing = sorted(RESUME_KEYS - set(ckpt))
+    if missing:
+        raise ConfigError(
+            f"resume={path}: {last} lacks {', '.join(missing)}, so the run cannot continue "
+            "exactly where it stopped (a checkpoint of an older bnexp, or not a resume "
+            "checkpoint). The run was left as it is; rerun it from the start (drop resume=).")
     if ckpt.get("config_hash") != config_hash(cfg):
         from bnexp.runs import flatten
 
@@ -685,8 +709,13 @@ def _task(cfg: DictConfig, hc: Any, run_dir: Path, before: StartSnapshot) -> int
     if parent.startswith(f"{socket.gethostname()}:"):
         interrupt.watch_parent(int(parent.rsplit(":", 1)[1]))
     try:
-        validate(cfg)
-        summary = run(cfg, run_dir)
+        try:
+            validate(cfg)
+            summary = run(cfg, run_dir)
+        except Exception:
+            if interrupt.requested():  # a Ctrl-C that a library turned into another error
+                raise KeyboardInterrupt from None
+            raise
     except KeyboardInterrupt:  # during set-up: the run never started
         with interrupt.deferred():
             before.restore(bool(cfg.resume))

@@ -623,9 +623,14 @@ def _train_stack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path],
     from bnexp.config import ConfigError, config_hash, validate
 
     try:
-        for cfg in cfgs:
-            validate(cfg)
-        return run_group(cfgs, run_dirs)
+        try:
+            for cfg in cfgs:
+                validate(cfg)
+            return run_group(cfgs, run_dirs)
+        except Exception:
+            if interrupt.requested():  # a Ctrl-C that a library turned into another error
+                raise KeyboardInterrupt from None
+            raise
     except KeyboardInterrupt:  # during set-up: no run of the stack started
         with interrupt.deferred():
             for snapshot, cfg in zip(before, cfgs):

@@ -1,8 +1,14 @@
-"""Kill-and-resume on a real sweep: start `bnexp sweep`, SIGKILL its process group at a random
-moment, a few times, then let it finish; print what survived each kill and check that every
-file left behind parses.
+"""Faults on the real CLI, each followed by the checks that matter: nothing finished is lost,
+nothing runs twice, no summary is left `running` by a signal, every file left parses.
 
-    python scripts/fault_injection.py [--kills 3] [--jobs 6] [--seed 0]
+  sweep    SIGKILL a sweep's process group at random moments, a few times, then let it finish.
+  startup  SIGINT / SIGTERM / SIGKILL a `bnexp train` at random moments of its first seconds.
+  parent   SIGKILL only the parent of a `--jobs 2` sweep: its workers must stop by themselves,
+           and the rerun must resume them, each step trained once.
+  disk     a sweep on a small tmpfs that fills up (root only: it mounts one), then room is made
+           and the rerun finishes everything.
+
+    python scripts/fault_injection.py [--scenario all] [--kills 3] [--jobs 6] [--seed 0]
 """
 
 from __future__ import annotations
@@ -39,18 +45,17 @@ def check_files(sweep_dir: Path) -> int:
         else:
             continue
         n += 1
-    leftovers = list(sweep_dir.rglob("*.tmp"))
-    assert not leftovers, f"temporary files left behind: {leftovers}"
     return n
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
+def no_leftovers(root: Path) -> None:
+    """After a final, uninterrupted run: a kill mid-write may leave a temporary file, and the
+    next start in that directory must have removed it."""
+    leftovers = list(root.rglob(".*.tmp"))
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def sweep_scenario(args: argparse.Namespace, rng: random.Random) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "BNEXP_OUTPUTS": tmp}
         cmd = [sys.executable, "-m", "bnexp", "sweep", "--name", "faults",
@@ -76,10 +81,141 @@ def main() -> int:
         print(f"final run (exit {final.returncode}): {line.strip()}")
         print(f"statuses: {sorted(set(seen.values()))} over {len(seen)} jobs; "
               f"{check_files(sweep_dir)} files parse")
-        ok = final.returncode == 0 and set(seen.values()) == {"completed"} and \
+        no_leftovers(sweep_dir)
+        return final.returncode == 0 and set(seen.values()) == {"completed"} and \
             len(seen) == args.jobs
-        print("OK: nothing lost" if ok else "FAILED")
-        return 0 if ok else 1
+
+
+def startup_scenario(args: argparse.Namespace, rng: random.Random) -> bool:
+    ok = True
+    for _ in range(args.kills * 3):
+        how = rng.choice(["SIGINT", "SIGTERM", "SIGKILL"])
+        delay = rng.uniform(0.2, 7.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "BNEXP_OUTPUTS": tmp}
+            proc = subprocess.Popen([sys.executable, "-m", "bnexp", "train", "trainer.epochs=100",
+                                     "trainer.progress=none", "device=cpu"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            time.sleep(delay)
+            os.killpg(proc.pid, getattr(signal, how))
+            out = proc.communicate(timeout=120)[0].decode()
+            found = [json.loads(p.read_text())["status"] for p in Path(tmp).rglob("summary.json")]
+            dirs = list((Path(tmp) / "runs").glob("*")) if (Path(tmp) / "runs").is_dir() else []
+            expected = {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}[how]
+            good = proc.returncode == expected and "Traceback" not in out
+            if how != "SIGKILL":  # a caught signal leaves nothing or an interrupted run
+                good = good and set(found) <= {"interrupted"} and len(found) == len(dirs)
+            print(f"{how} after {delay:.1f} s: exit {proc.returncode}, run directories "
+                  f"{len(dirs)}, statuses {found or 'none'}{'' if good else '  <-- FAILED'}")
+            ok = ok and good
+    return ok
+
+
+def workers_of(parent: int) -> list[int]:
+    mark = f"BNEXP_SWEEP_PARENT={os.uname().nodename}:{parent}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in found if p != parent]
+
+
+def steps_once(job: Path) -> bool:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(job), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    return steps == sorted(set(steps))
+
+
+def parent_scenario(args: argparse.Namespace, rng: random.Random) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "BNEXP_OUTPUTS": tmp}
+        cmd = [sys.executable, "-m", "bnexp", "sweep", "--name", "parent", "--jobs", "2",
+               "seed=0,1,2,3", "trainer.epochs=40", "trainer.checkpoint_every=50",
+               "trainer.progress=none", "device=cpu"]
+        sweep_dir = Path(tmp) / "sweeps" / "parent"
+        ok = True
+        for _ in range(args.kills):
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            delay = rng.uniform(5.0, 15.0)
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGKILL)  # the parent alone
+            proc.wait()
+            deadline = time.time() + 30
+            while workers_of(proc.pid) and time.time() < deadline:
+                time.sleep(0.2)
+            left = workers_of(proc.pid)
+            seen = statuses(sweep_dir)
+            good = not left and "running" not in seen.values()
+            print(f"parent killed after {delay:.1f} s: {len(left)} workers still alive; "
+                  f"statuses {seen}{'' if good else '  <-- FAILED'}")
+            ok = ok and good
+        final = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        seen = statuses(sweep_dir)
+        once = all(steps_once(job) for job in sweep_dir.glob("seed=*"))
+        print(f"final run (exit {final.returncode}): statuses {sorted(set(seen.values()))}; "
+              f"every step trained once: {once}; {check_files(sweep_dir)} files parse")
+        no_leftovers(sweep_dir)
+        return ok and once and final.returncode == 0 and set(seen.values()) == {"completed"}
+
+
+def disk_scenario(args: argparse.Namespace, rng: random.Random) -> bool:
+    if os.geteuid() != 0:
+        print("disk: skipped (mounting a small tmpfs needs root)")
+        return True
+    with tempfile.TemporaryDirectory() as tmp:
+        mount = Path(tmp)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+        try:
+            env = {**os.environ, "BNEXP_OUTPUTS": str(mount)}
+            cmd = [sys.executable, "-m", "bnexp", "sweep", "--name", "full", "seed=0,1,2,3,4,5",
+                   "trainer.steps=300", "trainer.checkpoint_every=100", "trainer.progress=none",
+                   "device=cpu"]
+            first = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            seen = statuses(mount / "sweeps" / "full")
+            tracebacks = (first.stdout + first.stderr).count("Traceback")
+            print(f"full disk: exit {first.returncode}, statuses {seen}, {tracebacks} tracebacks")
+            ok = first.returncode != 0 and "running" not in seen.values() and not tracebacks
+            finished = {k: (mount / "sweeps" / "full" / k / "summary.json").read_bytes()
+                        for k, v in seen.items() if v == "completed"}
+            subprocess.run(["mount", "-o", "remount,size=400m", str(mount)], check=True)
+            final = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            seen = statuses(mount / "sweeps" / "full")
+            kept = all((mount / "sweeps" / "full" / k / "summary.json").read_bytes() == body
+                       for k, body in finished.items())
+            print(f"room made, rerun: exit {final.returncode}, statuses "
+                  f"{sorted(set(seen.values()))}; the {len(finished)} finished before kept: {kept}")
+            return ok and kept and final.returncode == 0 and set(seen.values()) == {"completed"}
+        finally:
+            subprocess.run(["umount", str(mount)], check=False)
+
+
+SCENARIOS = {"sweep": sweep_scenario, "startup": startup_scenario, "parent": parent_scenario,
+             "disk": disk_scenario}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["all", *SCENARIOS], default="all")
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    results = {}
+    for name in SCENARIOS if args.scenario == "all" else [args.scenario]:
+        print(f"--- {name}")
+        results[name] = SCENARIOS[name](args, rng)
+    print("; ".join(f"{k}: {'OK' if v else 'FAILED'}" for k, v in results.items()))
+    return 0 if all(results.values()) else 1
 
 
 if __name__ == "__main__":

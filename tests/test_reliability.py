@@ -375,3 +375,139 @@ def test_two_resumes_of_one_run_at_once_one_refuses(isolated: Path) -> None:
     out = again.communicate(timeout=300)[0].decode()
     assert again.returncode == 0, out
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+BAD_COMMANDS = [
+    (["sweep", "--dry-run", "optim.lr=0.1,,0.2"], "optim.lr=0.1,,0.2"),
+    (["sweep", "--dry-run", "optim.lr=range(1,"], "range(1,"),
+    (["sweep", "--bogus"], "--bogus"),
+    (["sweep", "--dry-run", "foo=1,2"], "foo"),
+    (["sweep", "--dry-run", "model=nope,mlp"], "model=nope"),
+    (["sweep", "--dry-run", "+trainer.epoch=3", "seed=0,1"], "trainer.epochs"),
+    (["sweep", "--dry-run", "optim.lr=${nope}", "seed=0,1"], "optim.lr"),
+    (["sweep", "device=cuda:99", "seed=0,1"], "device"),
+    (["sweep", "trainer.batch_size=100000", "seed=0,1"], "trainer.batch_size"),
+    (["train", "+trainer.epoch=3"], "trainer.epochs"),
+    (["train", "--bogus"], "--bogus"),
+    (["train", "optim.lr=${nope}"], "optim.lr"),
+    (["train", "-m", "optim.lr=0.1,-1"], "optim.lr"),
+    (["train", "data.val_fraction=0.0001"], "data.val_fraction"),
+]
+
+
+@pytest.mark.parametrize("args,named", BAD_COMMANDS)
+def test_bad_input_in_any_command_is_one_paragraph_before_anything_runs(
+        isolated: Path, args: list[str], named: str) -> None:
+    result = runner.invoke(app, [*args, "trainer=debug"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and named in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("bnexp: error:"), result.output
+    assert not list(isolated.rglob("summary.json")) and not list(isolated.rglob("events.*"))
+
+
+def test_outputs_root_that_is_a_file_is_bad_input_for_a_sweep(
+        isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (isolated / "a_file").write_text("")
+    monkeypatch.setenv("BNEXP_OUTPUTS", str(isolated / "a_file"))
+    result = runner.invoke(app, ["sweep", "seed=0,1", "trainer=debug"])
+    assert result.exit_code == 2 and "BNEXP_OUTPUTS" in result.output, result.output
+
+
+def test_hydra_flags_and_run_directories_with_equals_signs(isolated: Path) -> None:
+    shown = runner.invoke(app, ["train", "--cfg", "job", "optim.lr=0.3", "trainer=debug"])
+    assert shown.exit_code == 0 and "lr: 0.3" in shown.output, shown.output
+    assert not (isolated / "outputs").exists()  # --cfg prints, runs nothing
+    run_dir = isolated / "lr=0.1,seed=0"  # a sweep job's directory name
+    first = runner.invoke(app, ["train", "trainer=debug", "trainer.checkpoint_every=10",
+                                f"hydra.run.dir={run_dir}"])
+    assert first.exit_code == 0, first.output
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    # Resuming a finished run changes nothing and says so.
+    before = (run_dir / "summary.json").read_bytes()
+    again = runner.invoke(app, ["train", "trainer=debug", "trainer.checkpoint_every=10",
+                                f"resume={run_dir}"])
+    assert again.exit_code == 2 and "already completed" in again.output, again.output
+    assert (run_dir / "summary.json").read_bytes() == before
+
+
+def _interrupted_run(root: Path) -> Path:
+    run_dir = root / "stopped"
+    proc = start(["train", *RUN, "trainer.checkpoint_every=20", f"hydra.run.dir={run_dir}"])
+    wait_for(run_dir / "checkpoints" / "last.pt")
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    return run_dir
+
+
+def test_corrupt_files_give_one_paragraph_and_nothing_is_overwritten(isolated: Path) -> None:
+    run_dir = _interrupted_run(isolated)
+    summary = (run_dir / "summary.json").read_bytes()
+    last = run_dir / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    ckpt = torch.load(last, weights_only=False)
+    del ckpt["history"]
+    torch.save(ckpt, last)
+    for damage in ("missing keys", "garbage", "overrides"):
+        if damage == "garbage":
+            last.write_bytes(b"\x00not a checkpoint" * 10)
+        if damage == "overrides":
+            last.write_bytes(good)
+            (run_dir / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+        result = runner.invoke(app, ["resume", str(run_dir)])
+        assert result.exit_code == 2, (damage, result.output)
+        assert "Traceback" not in result.output, result.output
+        named = "overrides.yaml" if damage == "overrides" else "last.pt"
+        assert named in result.output, (damage, result.output)
+        assert (run_dir / "summary.json").read_bytes() == summary  # the interrupted record
+
+
+def test_unreadable_manifest_and_summaries_are_kept_and_reported(isolated: Path) -> None:
+    args = ["sweep", "--name", "damaged", "seed=0,1,2", "trainer=debug", "trainer.progress=none"]
+    assert runner.invoke(app, args).exit_code == 0
+    sweep_dir = isolated / "outputs" / "sweeps" / "damaged"
+    (sweep_dir / "manifest.json").write_bytes(b'{"jobs": {"seed=0": ')  # truncated
+    (sweep_dir / "seed=1" / "summary.json").write_bytes(b"\xff\xfe\x00binary")
+    (sweep_dir / "seed=2" / "summary.json").write_text("[]")
+    compared = runner.invoke(app, ["compare", str(sweep_dir)])
+    assert compared.exit_code == 0, compared.output
+    assert "seed=1" in compared.output and "seed=2" in compared.output  # named in warnings
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 2, rerun.output  # the damaged jobs are never cleared
+    assert "cannot be read" in rerun.output and "Traceback" not in rerun.output
+    assert (sweep_dir / "seed=1" / "summary.json").read_bytes().startswith(b"\xff\xfe")
+    moved = runner.invoke(app, [*args, "--move-aside"])
+    assert moved.exit_code == 0, moved.output
+    assert list(sweep_dir.glob("manifest.json.unreadable-*"))  # kept, not overwritten
+    aside = list(sweep_dir.parent.glob("damaged.replaced-*/seed=1/summary.json"))
+    assert aside and aside[0].read_bytes().startswith(b"\xff\xfe")
+    assert all(json.loads((sweep_dir / f"seed={i}" / "summary.json").read_text())["status"]
+               == "completed" for i in range(3))
+
+
+def _two_runs(root: Path) -> Path:
+    from conftest import write_summary
+
+    for seed in (0, 1):
+        write_summary(root / "runs" / f"s{seed}", **{"optim.lr": 0.1, "seed": seed},
+                      final_val_acc=0.9 + seed / 100, best_val_acc=0.92)
+    return root / "runs"
+
+
+@pytest.mark.parametrize("args,named", [
+    (["sweep", "--dry-run", "--lr-grid", "1e-3:10:100000"], "--lr-grid"),
+    (["sweep", "--dry-run", "--lr-grid", "1:1.0005:6"], "distinct"),
+    (["board", "{runs}", "--port", "99999"], "--port"),
+    (["board", "{runs}", "--host", "no-such-host.invalid"], "--host"),
+    (["plot", "{runs}", "--out", "{runs}/s0/summary.json"], "--out"),
+    (["plot", "{runs}", "--metric", "nope_acc"], "--metric"),
+    (["compare", "{runs}", "-m", "nope"], "--metric"),
+    (["compare", "{runs}", "--sort", "nope"], "--sort"),
+])
+def test_bad_options_are_one_paragraph(isolated: Path, args: list[str], named: str) -> None:
+    runs = _two_runs(isolated)
+    result = runner.invoke(app, [a.format(runs=runs) for a in args])
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "Traceback" not in result.output, result.output
+    assert [ln for ln in result.output.splitlines() if ln.strip()][0].startswith("bnexp: error:")

@@ -94,16 +94,37 @@ def test_parallel_jobs_give_the_same_results_as_sequential(isolated: Path) -> No
         max(1, (os.cpu_count() or 1) // 2)}
 
 
-def test_a_failed_job_does_not_stop_the_others_and_exits_3(isolated: Path) -> None:
+def test_a_failed_job_does_not_stop_the_others_and_exits_3(
+        isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that fails while training (here torch's optimizer step raises for one learning
+    rate, as a device error would) is recorded as failed; the others run."""
+    import torch
+
+    step = torch.optim.SGD.step
+
+    def failing_step(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+        if self.defaults["lr"] == 0.5:
+            raise RuntimeError("device-side assert triggered")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", failing_step)
+    result = runner.invoke(app, ["sweep", "--name", "f", "optim.lr=0.1,0.5", *TINY])
+    assert result.exit_code == sweep.EXIT_SOME_FAILED, result.output
+    done = summaries(isolated / "outputs" / "sweeps" / "f")
+    assert done["lr=0.1"]["status"] == "completed"
+    assert done["lr=0.5"]["status"] == "failed"
+    assert "device-side assert" in done["lr=0.5"]["error"]
+    assert "1 completed, 1 failed" in result.output
+
+
+def test_a_job_without_its_data_stops_the_sweep_before_anything_runs(isolated: Path) -> None:
+    """`train` checks the dataset before it starts; a sweep checks every job's the same way."""
     result = runner.invoke(app, ["sweep", "--name", "f", "data=mnist5k,mnist",
                                  "data.download=false", f"data.root={isolated / 'nothing'}",
                                  *TINY])
-    assert result.exit_code == sweep.EXIT_SOME_FAILED, result.output
-    done = summaries(isolated / "outputs" / "sweeps" / "f")
-    assert done["data=mnist5k"]["status"] == "completed"
-    assert done["data=mnist"]["status"] == "failed"
-    assert "data=mnist5k" in done["data=mnist"]["error"]  # the DataError's advice
-    assert "1 completed, 1 failed" in result.output
+    assert result.exit_code == 2, result.output
+    assert "data=mnist" in result.output and "data=mnist5k" in result.output  # the advice
+    assert not list((isolated / "outputs").rglob("summary.json"))
 
 
 def test_an_invalid_job_stops_the_sweep_before_anything_runs(isolated: Path) -> None:

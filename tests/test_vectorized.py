@@ -101,6 +101,13 @@ def test_stack_equals_single_runs_for_adam_convnets_and_init(
         assert stacked["env"]["training_step"] == "eager"  # no CUDA graph on a CPU
 
 
+def as_interrupted(run_dir: Path) -> None:
+    """What an interruption right after the step-10 checkpoint leaves: that checkpoint and an
+    interrupted summary (bnexp refuses to resume a completed run)."""
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "interrupted"}))
+
+
 def test_checkpoint_of_a_stacked_model_resumes_as_a_single_run(tmp_path: Path) -> None:
     """The optimizer state a stack exports is torch.optim's: resuming model 1 alone from the
     stack's step-10 checkpoint ends where the stack ended."""
@@ -111,6 +118,7 @@ def test_checkpoint_of_a_stacked_model_resumes_as_a_single_run(tmp_path: Path) -
     vectorized.run_group(cfgs, dirs)
     stacked_final = final_state(dirs[1])
     assert record.load_checkpoint(dirs[1] / "checkpoints" / "last.pt")["step"] == 10
+    as_interrupted(dirs[1])
     resumed = compose([*F64, *common, "optim.lr=0.2", "seed=1", f"resume={dirs[1]}"])
     summary = train.run(resumed, dirs[1])
     assert summary["status"] == "completed" and summary["metrics"]["steps"] == 20
@@ -130,6 +138,7 @@ def test_a_stack_of_one_resumes_from_its_checkpoint_where_it_left_off(
     [cut] = vectorized.run_group([compose(common)], [tmp_path / "cut"])
     assert whole["status"] == cut["status"] == "completed"
     assert record.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 10
+    as_interrupted(tmp_path / "cut")
     [resumed] = vectorized.run_group([compose([*common, f"resume={tmp_path / 'cut'}"])],
                                      [tmp_path / "cut"])
     assert resumed["status"] == "completed" and resumed["metrics"]["steps"] == 20

@@ -69,11 +69,14 @@ class BnexpSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         plan, names = [], set()
         composed: dict[tuple[str, ...], DictConfig] = {}
+        checked: set[str] = set()
         for overrides in (job for batch in batches for job in batch):
             cfg = self._task_config(list(overrides), parser, composed)
             name = sweep.job_name(overrides, swept)
             try:
                 validate(cfg)
+                if not self.dry_run:  # a dry run lists the plan, even without the data
+                    self._preflight(cfg, checked)
             except ConfigError as exc:
                 print(f"bnexp: error: job {name}: {exc}", file=sys.stderr)
                 sys.exit(2)  # before anything was launched
@@ -90,6 +93,33 @@ class BnexpSweeper(Sweeper):
                 plan[-1]["differences"] = sweep.config_differences(sweep_dir / name,
                                                                    resolved(cfg))
         return plan, swept
+
+    def _preflight(self, cfg: DictConfig, checked: set[str]) -> None:
+        """What `bnexp train` checks before it starts, for every job: the dataset, the batch
+        size, the device (here only for launchers that train on this machine; a cluster's
+        nodes have their own). Each distinct set of those values is checked once."""
+        from bnexp.config import ConfigError
+        from bnexp.data import DataError
+
+        local = type(self.launcher).__name__ in ("BasicLauncher", "JoblibLauncher",
+                                                 "VectorizedLauncher")
+        key = OmegaConf.to_yaml({"data": cfg.data, "batch": cfg.trainer.batch_size,
+                                 "compile": cfg.trainer.compile,
+                                 "device": cfg.device if local else None})
+        if key in checked:
+            return
+        from bnexp import train
+
+        with open_dict(cfg):
+            probe = copy.deepcopy(cfg)
+            probe.resume = None
+            if not local:
+                probe.device, probe.trainer.compile = "cpu", "off"
+        try:
+            train.preflight(probe)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+        checked.add(key)
 
     def _refuse_or_move(self, plan: list[dict], sweep_dir: Path) -> None:
         """Jobs whose directory holds a run of another config: bnexp never deletes a result.
