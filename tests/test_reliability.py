@@ -137,7 +137,10 @@ def test_a_signal_at_any_moment_of_start_up_ends_the_run(
             os.killpg(proc.pid, getattr(signal, name))
             time.sleep(0.01)
         out = proc.communicate(timeout=120)[0].decode()
-        assert proc.returncode == (143 if signals[0] == "SIGTERM" else 130), out
+        # Before bnexp's handlers exist (Python's own imports), the signal's default action
+        # ends the process: killed by it (-2, -15), which a shell reports as 130 / 143 too.
+        number = getattr(signal, signals[0])
+        assert proc.returncode in (128 + number, -number), out
         assert "Traceback" not in out, out
         # Nothing, or an interrupted run: never a directory without a summary, or `running`.
         for run in runs.iterdir() if runs.is_dir() else []:
