@@ -611,8 +611,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         notes["interrupted_by"] = interrupt.requested() or "SIGINT"
     except Exception as exc:  # recorded, then reported by the CLI with exit code 1
         status, error = "failed", f"{type(exc).__name__}: {exc}"
-        log.exception("bnexp: run failed")
+        report_failure(error, [run_dir])
     return finish(trainer, status, error, notes)
+
+
+def report_failure(error: str, run_dirs: list[Path]) -> None:
+    """A run that failed while training: one paragraph on the console (and in train.log, via
+    Hydra's job logging), the traceback only in train.log, for a bug report."""
+    import traceback
+
+    log.error("bnexp: error: the run failed while training: %s. Recorded as failed in its "
+              "summary.json; the traceback is in its train.log.", " ".join(error.split()))
+    for run_dir in run_dirs:
+        try:
+            with open(Path(run_dir) / "train.log", "a") as f:
+                f.write(traceback.format_exc())
+        except OSError:
+            pass  # a full disk: the paragraph above is what there is
 
 
 def finish(trainer: Trainer, status: str, error: str | None = None,

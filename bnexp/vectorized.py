@@ -560,7 +560,7 @@ def run_group(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
                 stack.export_optimizer_state(k)
     except Exception as exc:  # every model of the stack failed with it
         error = f"{type(exc).__name__}: {exc}"
-        log.exception("bnexp: vectorized training failed")
+        train.report_failure(error, list(run_dirs))
         statuses = ["failed"] * len(trainers)
     for tr in trainers:  # how the stack's step ran: captured in a CUDA graph, or eagerly
         step = "cuda graph" if stack is not None and stack.graphs else "eager"
