@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -125,3 +126,22 @@ def watch_parent(parent: int, every: float = 0.2) -> None:
 
 def orphaned() -> bool:
     return _orphaned.is_set()
+
+
+PARENT_VARIABLE = "BNEXP_SWEEP_PARENT"  # host:pid of the sweep that launched a worker
+
+
+def workers_of(parent: int) -> list[int]:
+    """Live processes that the sweep process `parent` launched on this host, found by the
+    variable it passes them (Linux /proc; empty where there is none)."""
+    from pathlib import Path
+
+    mark = f"{PARENT_VARIABLE}={socket.gethostname()}:{parent}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in found if p != parent]

@@ -720,7 +720,7 @@ def _task(cfg: DictConfig, hc: Any, run_dir: Path, before: StartSnapshot) -> int
     """hydra_task once the run directory is this process's: train, record, exit code."""
     from bnexp.config import ConfigError, validate
 
-    parent = os.environ.get("BNEXP_SWEEP_PARENT", "")
+    parent = os.environ.get(interrupt.PARENT_VARIABLE, "")
     if parent.startswith(f"{socket.gethostname()}:"):
         interrupt.watch_parent(int(parent.rsplit(":", 1)[1]))
     try:

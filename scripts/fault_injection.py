@@ -114,18 +114,6 @@ def startup_scenario(args: argparse.Namespace, rng: random.Random) -> bool:
     return ok
 
 
-def workers_of(parent: int) -> list[int]:
-    mark = f"BNEXP_SWEEP_PARENT={os.uname().nodename}:{parent}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return [p for p in found if p != parent]
-
-
 def steps_once(job: Path) -> bool:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -136,6 +124,8 @@ def steps_once(job: Path) -> bool:
 
 
 def parent_scenario(args: argparse.Namespace, rng: random.Random) -> bool:
+    from bnexp.interrupt import workers_of
+
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "BNEXP_OUTPUTS": tmp}
         cmd = [sys.executable, "-m", "bnexp", "sweep", "--name", "parent", "--jobs", "2",

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from bnexp.cli import app
 from bnexp.config import ConfigError, compose
+from bnexp.interrupt import workers_of
 
 runner = CliRunner()
 RUN = ["trainer.steps=1000", "trainer.eval_every=50", "trainer.log_every=10",
@@ -295,19 +296,6 @@ def test_run_and_job_names_are_single_bounded_path_components(isolated: Path) ->
     assert len(list(sweep_dir.glob("*/summary.json"))) == 2
 
 
-def _workers_of(parent: int) -> list[int]:
-    """Live processes launched by the sweep process `parent` (see interrupt.watch_parent)."""
-    mark = f"BNEXP_SWEEP_PARENT={os.uname().nodename}:{parent}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return [p for p in found if p != parent]
-
-
 def test_killing_a_parallel_sweep_leaves_no_orphan_and_no_job_runs_twice(isolated: Path) -> None:
     args = ["sweep", "--name", "orphans", "--jobs", "2", "seed=0,1,2", "trainer.epochs=40",
             "trainer.progress=none", "trainer.checkpoint_every=50", "device=cpu"]
@@ -322,9 +310,9 @@ def test_killing_a_parallel_sweep_leaves_no_orphan_and_no_job_runs_twice(isolate
     os.kill(parent.pid, signal.SIGKILL)  # the parent alone: its workers are not signalled
     parent.wait(timeout=30)
     deadline = time.time() + 30
-    while _workers_of(parent.pid) and time.time() < deadline:
+    while workers_of(parent.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _workers_of(parent.pid), "workers trained on after their sweep was killed"
+    assert not workers_of(parent.pid), "workers trained on after their sweep was killed"
     statuses = [json.loads(p.read_text())["status"] for p in sweep_dir.glob("seed=*/summary.json")]
     assert "running" not in statuses and "interrupted" in statuses, statuses
     rerun = start(args)

@@ -190,7 +190,7 @@ class BnexpSweeper(Sweeper):
             return []
         self._refuse_or_move(plan, sweep_dir)
         # A worker process that outlives this one stops itself (see interrupt.watch_parent).
-        os.environ["BNEXP_SWEEP_PARENT"] = f"{socket.gethostname()}:{os.getpid()}"
+        os.environ[interrupt.PARENT_VARIABLE] = f"{socket.gethostname()}:{os.getpid()}"
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         manifest = sweep.new_manifest(sweep_dir, arguments, swept)
