@@ -692,6 +692,8 @@ def inspect(run: Path = typer.Argument(..., help="A run directory or a checkpoin
 def main() -> None:
     try:
         app()
+    except KeyboardInterrupt:  # one that escaped every command's own handling: still 130/143
+        raise SystemExit(interrupt.exit_code()) from None
     finally:
         if interrupt.requested():  # ending on a signal: another Ctrl-C must not print a trace
             interrupt.ignore_further()

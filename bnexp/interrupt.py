@@ -61,14 +61,26 @@ def handled() -> Iterator[StopFlag]:
         yield STOP
         return
     STOP.signal = None
-    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
-    _state["installed"] += 1
+    with _blocked():  # no signal between installing one handler and the other
+        previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+        _state["installed"] += 1
     try:
         yield STOP
     finally:
-        _state["installed"] -= 1
-        for s, h in previous.items():
-            signal.signal(s, h)
+        with _blocked():
+            _state["installed"] -= 1
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for a moment; one that came meanwhile is delivered after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager
