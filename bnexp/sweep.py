@@ -141,9 +141,14 @@ def job_status(run_dir: Path, expected_hash: str) -> str:
 
 
 def resumable(run_dir: Path, expected_hash: str) -> bool:
-    """An unfinished job of this very config with a checkpoint to continue from."""
+    """An unfinished job of this very config with a checkpoint to continue from. A checkpoint
+    that is not even a torch archive (torch.save writes a zip) cannot be: the job reruns
+    from the start instead of failing on every rerun."""
+    import zipfile
+
+    last = run_dir / "checkpoints" / "last.pt"
     return (job_status(run_dir, expected_hash) in ("interrupted", "failed")
-            and (run_dir / "checkpoints" / "last.pt").is_file())
+            and last.is_file() and zipfile.is_zipfile(last))
 
 
 def clear_run_dir(run_dir: Path, expected_hash: str) -> None:

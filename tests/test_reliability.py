@@ -502,3 +502,16 @@ def test_bad_options_are_one_paragraph(isolated: Path, args: list[str], named: s
     assert result.exit_code == 2, result.output
     assert named in result.output and "Traceback" not in result.output, result.output
     assert [ln for ln in result.output.splitlines() if ln.strip()][0].startswith("bnexp: error:")
+
+
+def test_a_sweep_job_with_a_garbage_checkpoint_reruns_from_the_start(isolated: Path) -> None:
+    args = ["sweep", "--name", "garbage", "seed=0,1", "trainer=debug", "trainer.progress=none"]
+    assert runner.invoke(app, args).exit_code == 0
+    job = isolated / "outputs" / "sweeps" / "garbage" / "seed=1"
+    summary = json.loads((job / "summary.json").read_text())
+    (job / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    (job / "checkpoints").mkdir(exist_ok=True)
+    (job / "checkpoints" / "last.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads((job / "summary.json").read_text())["status"] == "completed"
