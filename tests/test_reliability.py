@@ -145,7 +145,9 @@ def test_a_signal_at_any_moment_of_start_up_ends_the_run(
         assert "Traceback" not in out, out
         # Nothing, or an interrupted run: never a directory without a summary, or `running`.
         for run in runs.iterdir() if runs.is_dir() else []:
-            assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+            left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+            assert (run / "summary.json").is_file(), (left, out)
+            assert json.loads((run / "summary.json").read_text())["status"] == "interrupted", out
 
 
 def test_runs_started_together_get_their_own_directories(isolated: Path) -> None:
