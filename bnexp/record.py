@@ -18,6 +18,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,27 @@ def _quiet_writer_errors() -> None:
     threading.excepthook = hook
 
 
+EVENT_PREFIX = "events.out.tfevents."
+
+
+def _sort_after_earlier_files(run_dir: Path, max_wait: float = 5.0) -> None:
+    """TensorBoard reads a run's event files in name order, and a name begins with the second
+    it was created, then the host and the PID. A resumed run whose file is created in the same
+    second as the killed run's can sort first; TensorBoard then reads the old events last and
+    takes them for a restart, dropping the new ones (a resume 0.4 s after a kill showed steps
+    0..K instead of 0..1000). Waiting for the next second orders the files (skew beyond
+    max_wait, from another host's clock, is left as it is)."""
+    seconds = []
+    for path in run_dir.glob(EVENT_PREFIX + "*"):
+        stamp = path.name[len(EVENT_PREFIX):].split(".", 1)[0]
+        if stamp.isdigit():
+            seconds.append(int(stamp))
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if 0 < wait <= max_wait:
+            time.sleep(wait)
+
+
 class Events:
     """TensorBoard event writer for one run, writing into the run directory itself so that
     `tensorboard --logdir outputs` lists each run under its own readable name."""
@@ -286,6 +308,8 @@ class Events:
         record_writer.masked_crc32c = masked_crc32c  # the writer's checksum (see crc32c)
         # purge_step: a resumed run tells TensorBoard to drop what an earlier process logged
         # from that step on, so no step appears twice.
+        if purge_step is not None:
+            _sort_after_earlier_files(run_dir)
         self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=30, purge_step=purge_step)
         self.writer.add_custom_scalars(LAYOUT)
 

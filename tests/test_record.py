@@ -180,3 +180,30 @@ def test_event_records_pass_tensorboards_checksum_check(tmp_path: Path) -> None:
     broken.write_bytes(bytes(data))
     with pytest.raises(errors.DataLossError):
         records(broken)
+
+
+def test_a_resume_in_the_same_second_still_replaces_the_killed_runs_tail(tmp_path: Path) -> None:
+    """TensorBoard orders a run's event files by name (second, host, PID): a killed run's file
+    that sorts after the resumed run's would be read last and wipe the resumed steps."""
+    import socket
+    import time
+
+    from bnexp.record import Events
+
+    killed = Events(tmp_path)
+    for step in range(0, 100, 10):
+        killed.scalars(step, {"train/loss": 1.0})
+    killed.close()
+    # The killed process's file as it is named when the same second and a PID that sorts last.
+    first = next(tmp_path.glob("events.out.tfevents.*"))
+    first.rename(tmp_path / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+                            ".99999999.0")
+    resumed = Events(tmp_path, purge_step=50)
+    for step in range(50, 200, 10):
+        resumed.scalars(step, {"train/loss": 0.5})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(0, 200, 10))
+    assert {e.value for e in loss if e.step >= 50} == {0.5}
