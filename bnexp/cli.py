@@ -14,11 +14,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from bnexp import interrupt
 from bnexp.config import GROUPS, default_options, describe_option, group_options
+
+if TYPE_CHECKING:
+    from bnexp.task import Task
 
 EXIT_BAD_INPUT = 2  # 3 (a sweep had failed jobs) is bnexp.sweep.EXIT_SOME_FAILED
 
@@ -66,22 +70,36 @@ def _error(message: str) -> None:
     typer.echo(f"bnexp: error: {message}", err=True)
 
 
-def _hydra(argv: list[str]) -> int:
+def register_plugins() -> None:
+    """Our sweeper and launcher, registered with Hydra by hand: an editable install's import
+    hook hides them from Hydra's scan of the hydra_plugins namespace. The CLI does it, the
+    one module above both: the plugins import bnexp, and nothing else in bnexp imports them."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.bnexp_sweeper.bnexp_sweeper import BnexpSweeper
+    from hydra_plugins.bnexp_sweeper.bnexp_vectorized_launcher import VectorizedLauncher
+
+    Plugins.instance().register(BnexpSweeper)
+    Plugins.instance().register(VectorizedLauncher)
+
+
+def _hydra(argv: list[str], task: Task | None = None) -> int:
     """Run Hydra's main with our config and task on argv (overrides and Hydra flags)."""
     import hydra
     from hydra.core.global_hydra import GlobalHydra
 
     from bnexp.config import config_dir, register
-    from bnexp.train import hydra_task
+    from bnexp.task import Task
 
     register()
+    register_plugins()
     GlobalHydra.instance().clear()
     main = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     saved, sys.argv = sys.argv, ["bnexp", *argv]
     try:
         # Hydra's composition swallows a KeyboardInterrupt now and then: record, do not raise.
         with interrupt.handled(), interrupt.deferred():
-            main(hydra_task)()
+            main(task if task is not None else Task())()
     except KeyboardInterrupt:
         pass  # before any task began: nothing was written
     except SystemExit as exc:  # Hydra reports its own errors, then exits; 130/143: interrupted
@@ -179,7 +197,7 @@ def _check_and_run(overrides: list[str]) -> int:
             if interrupt.requested():
                 return interrupt.exit_code()
             from bnexp.data import DataError
-            from bnexp.train import preflight  # torch only once the config is known good
+            from bnexp.run import preflight  # torch only once the config is known good
 
             try:
                 preflight(cfg)
@@ -191,11 +209,11 @@ def _check_and_run(overrides: list[str]) -> int:
             return interrupt.exit_code()
         _error(str(exc))
         return EXIT_BAD_INPUT
-    from bnexp import train
+    from bnexp.task import Task
 
-    train.finished.clear()
-    code = _hydra(overrides)
-    for run_dir, summary, _ in train.finished:
+    task = Task()
+    code = _hydra(overrides, task)
+    for run_dir, summary, _ in ((r.run_dir, r.summary, r.code) for r in task.results):
         if summary is None:
             continue
         m = summary["metrics"]
@@ -206,7 +224,7 @@ def _check_and_run(overrides: list[str]) -> int:
         typer.echo(f"tensorboard: tensorboard --logdir {run_dir.parent}")
         if summary.get("error"):
             typer.echo(f"error:       {summary['error']}")
-    return max([code, *(c for *_, c in train.finished)])
+    return max([code, *(r.code for r in task.results)])
 
 
 def _quote_path(override: str) -> str:
@@ -655,7 +673,7 @@ def inspect(run: Path = typer.Argument(..., help="A run directory or a checkpoin
     from rich.table import Table
 
     from bnexp.probes import bn_report
-    from bnexp.train import load_model
+    from bnexp.run import load_model
 
     try:
         model, ckpt = load_model(run)

@@ -252,16 +252,9 @@ def register() -> None:
     if _registered:
         return
     from hydra.core.config_store import ConfigStore
-    from hydra.core.plugins import Plugins
     from omegaconf import OmegaConf
 
-    from hydra_plugins.bnexp_sweeper.bnexp_sweeper import BnexpSweeper
-    from hydra_plugins.bnexp_sweeper.bnexp_vectorized_launcher import VectorizedLauncher
-
     ConfigStore.instance().store(name="bnexp_schema", node=Config)
-    # Editable installs hide our plugins from Hydra's package scan: register them by hand.
-    Plugins.instance().register(BnexpSweeper)
-    Plugins.instance().register(VectorizedLauncher)
     # Cached: the run directory is made once per process.
     OmegaConf.register_new_resolver("bnexp_run_dir", make_run_dir, use_cache=True, replace=True)
     _registered = True

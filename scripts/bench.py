@@ -49,12 +49,17 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bnexp import data, models, train
+from bnexp import data, loop, models
 from bnexp.config import compose
+from bnexp.interrupt import StopFlag
+from bnexp.loop import Loop
+from bnexp.run import Run
+from bnexp.steps import Eager
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("throughput", "steady", "threads", "precision", "vectorized", "startup", "compile",
@@ -243,67 +248,57 @@ def minimal_loop(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
 
 
 class FitTimer:
-    """Wall time of the training loop (Trainer.fit, or a stack's fit for runs whose step is a
-    CUDA graph: the steps, logging, evaluation, diagnostics), without the run's set-up and its
-    final evaluation and files. With `mark`, also the time from the end of the first step
-    numbered `mark` or later (`marked_step`) to the end of the loop (steady state: after a
-    compile or capture in the first steps; a stack runs several steps per call)."""
+    """Wall time of the training loop (Loop.fit: the steps, logging, evaluation, diagnostics),
+    without the run's set-up and its final evaluation and files. With `mark`, also the time
+    from the end of the first run of steps that reaches step `mark` (`marked_step`) to the
+    end of the loop (steady state: after a compile or capture in the first steps). The one
+    place it patches is Loop.fit."""
 
     def __init__(self, mark: int | None = None) -> None:
-        from bnexp import vectorized
+        from bnexp.loop import Loop
 
         self.seconds, self.after_mark, self.marked_step = 0.0, 0.0, 0
-        self.mark = mark
-        self.vectorized = vectorized
-        self.originals = (train.Trainer.fit, train.Trainer.train_step, vectorized.fit,
-                          vectorized.Stack.steps)
+        self.mark, self.loop_class, self.original = mark, Loop, Loop.fit
 
     def __enter__(self) -> FitTimer:
-        timer = self
-        fit, train_step, stack_fit, stack_step = self.originals
-        marked = [0.0]
+        timer, fit = self, self.original
 
-        def timed(loop: Callable) -> Callable:
-            def run(owner: object, stop: train.StopFlag) -> None:
-                start, cpu = time.perf_counter(), time.process_time()
-                try:
-                    loop(owner, stop)
-                finally:
-                    end = time.perf_counter()  # a loop ends reading its last window: in sync
-                    timer.seconds = end - start
-                    last_cpu_seconds[0] = time.process_time() - cpu
-                    timer.after_mark = end - marked[0] if marked[0] else 0.0
-            return run
+        def timed(loop: Any, stop: Any) -> None:
+            marked = [0.0]
+            if timer.mark:
+                steps = loop.steps.steps
 
-        def mark(step: Callable, done: Callable[[object], int]) -> Callable:
-            def run(owner: object, *args: object) -> object:
-                out = step(owner, *args)
-                if not marked[0] and done(owner) >= timer.mark:
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    marked[0] = time.perf_counter()
-                    timer.marked_step = done(owner)
-                return out
-            return run
+                def counted(n: int) -> None:
+                    steps(n)
+                    if not marked[0] and loop.steps.step >= timer.mark:
+                        if torch.cuda.is_available():
+                            torch.cuda.synchronize()
+                        marked[0] = time.perf_counter()
+                        timer.marked_step = loop.steps.step
 
-        train.Trainer.fit = timed(fit)
-        self.vectorized.fit = timed(stack_fit)
-        if self.mark:  # Trainer.fit counts the step after train_step; a stack counts before
-            train.Trainer.train_step = mark(train_step, lambda t: t.step + 1)
-            self.vectorized.Stack.steps = mark(stack_step, lambda s: s.updates)
+                loop.steps.steps = counted
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                fit(loop, stop)
+            finally:
+                end = time.perf_counter()  # a loop ends reading its last window: in sync
+                timer.seconds = end - start
+                last_cpu_seconds[0] = time.process_time() - cpu
+                timer.after_mark = end - marked[0] if marked[0] else 0.0
+
+        self.loop_class.fit = timed
         return self
 
     def __exit__(self, *exc: object) -> None:
-        (train.Trainer.fit, train.Trainer.train_step, self.vectorized.fit,
-         self.vectorized.Stack.steps) = self.originals
+        self.loop_class.fit = self.original
 
 
 def bnexp_loop(model_name: str, batch_size: int, steps: int, tmp: Path,
                extra: list[str] = ()) -> float:
-    """Samples/s of `bnexp train` over the whole training loop (Trainer.fit's wall time)."""
+    """Samples/s of `bnexp train` over the whole training loop (Loop.fit's wall time)."""
     cfg = cfg_for(model_name, batch_size, steps, ["trainer.threads=1", *extra])
     with FitTimer() as timer:
-        summary = train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
+        summary = loop.train([cfg], [Path(tempfile.mkdtemp(dir=tmp))])[0]
     assert summary["status"] == "completed", summary
     return steps * batch_size / timer.seconds
 
@@ -393,7 +388,7 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 def paired_step_seconds(ds: data.Dataset, model_name: str, batch_size: int, steps: int,
                         tmp: Path) -> tuple[float, float]:
-    """Median seconds of one minimal-loop step and of one whole iteration of Trainer.fit (with
+    """Median seconds of one minimal-loop step and of one whole iteration of Loop.fit (with
     no events: batch, step, accumulators, cadence checks), the two taking turns step by step
     inside one fit: this machine's speed changes within a second, so only steps that alternate
     see the same machine."""
@@ -402,11 +397,11 @@ def paired_step_seconds(ds: data.Dataset, model_name: str, batch_size: int, step
                          ds.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     per_epoch, perm = len(y) // batch_size, torch.randperm(len(y))
-    trainer = train.prepare(cfg_for(model_name, batch_size, steps, ["trainer.threads=1", *BARE]),
-                            Path(tempfile.mkdtemp(dir=tmp)))
-    step, minimal, loop, resumed = trainer.train_step, [], [], [0.0]
+    run = Run(cfg_for(model_name, batch_size, steps, ["trainer.threads=1", *BARE]),
+              Path(tempfile.mkdtemp(dir=tmp)), threads=1)
+    batch, minimal, loop, resumed = run.batch, [], [], [0.0]
 
-    def alternating(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def alternating(idx: torch.Tensor) -> torch.Tensor:  # each step begins with its batch
         start = time.perf_counter()
         if resumed[0]:
             loop.append(start - resumed[0])  # the previous fit iteration, end to end
@@ -415,11 +410,11 @@ def paired_step_seconds(ds: data.Dataset, model_name: str, batch_size: int, step
         plain_step(model, opt, x[sel], y[sel])
         resumed[0] = time.perf_counter()
         minimal.append(resumed[0] - start)
-        return step(idx)
+        return batch(idx)
 
-    trainer.train_step = alternating
-    trainer.fit(train.StopFlag())
-    trainer.events.close()
+    run.batch = alternating
+    Loop([run], Eager(run)).fit(StopFlag())
+    run.events.close()
     return statistics.median(minimal[1:]), statistics.median(loop[1:])
 
 
@@ -428,31 +423,32 @@ def event_seconds(model_name: str, batch_size: int, repeats: int,
     """Median seconds of each event the loop adds to its steps."""
     from bnexp import probes
 
-    trainer = train.prepare(cfg_for(model_name, batch_size, 1000, ["trainer.threads=1"]),
-                            Path(tempfile.mkdtemp(dir=tmp)))
-    t = trainer.t
-    for _ in range(3):  # gradients exist, as at any diagnostics step after the first
-        trainer.train_step(trainer.next_batch())
-    trainer.step = t.diagnostics_every  # a diagnostics step without histograms
-    assert trainer.step % t.histogram_every and trainer.step >= t.log_every
-    inputs = probes.activation_inputs(trainer.model, trainer.probe_x)
+    run = Run(cfg_for(model_name, batch_size, 1000, ["trainer.threads=1"]),
+              Path(tempfile.mkdtemp(dir=tmp)), threads=1)
+    eager, t = Eager(run), run.t
+    run.new_epoch()
+    eager.set_order([run.perm], 0)
+    eager.steps(3)  # gradients exist, as at any diagnostics step after the first
+    run.step = t.diagnostics_every  # a diagnostics step without histograms
+    assert run.step % t.histogram_every and run.step >= t.log_every
+    inputs = probes.activation_inputs(run.model, run.probe_x)
 
     def diagnostics() -> None:
         t.diagnostics, t.probe_every = True, 0
-        trainer.diagnose()
+        run.diagnose()
 
     def probe() -> None:
-        t.diagnostics, t.probe_every = False, trainer.step
-        trainer.diagnose()
+        t.diagnostics, t.probe_every = False, run.step
+        run.diagnose()
 
     def histograms() -> None:
-        trainer.events.histograms(trainer.step, {f"act_input/{k}": v for k, v in inputs.items()})
-        trainer.events.histograms(trainer.step, probes.bn_tensors(trainer.model))
+        run.events.histograms(run.step, {f"act_input/{k}": v for k, v in inputs.items()})
+        run.events.histograms(run.step, probes.bn_tensors(run.model))
 
     events = {
-        "log line": lambda: trainer.log_window(trainer.epoch, trainer.loss_sum, trainer.correct,
-                                               t.log_every, 0.01),
-        "evaluation": lambda: trainer.evaluate_and_log(trainer.epoch),
+        "log line": lambda: run.log_window(eager.loss_sum[0], eager.correct[0], t.log_every,
+                                           0.01, eager.grad_norms[:3, 0], eager.lr(0)),
+        "evaluation": run.evaluate_and_log,
         "diagnostics": diagnostics, "histograms": histograms, "landscape probe": probe,
     }
     out = {}
@@ -463,7 +459,7 @@ def event_seconds(model_name: str, batch_size: int, repeats: int,
             fn()
             times.append(time.perf_counter() - start)
         out[name] = statistics.median(times)
-    trainer.events.close()
+    run.events.close()
     return out
 
 
@@ -504,20 +500,20 @@ def bench_steady(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 
 def step_ms(model_name: str, batch_size: int, steps: int, precision: str = "fp32") -> float:
-    """Median milliseconds of one bnexp training step (Trainer.train_step) on mnist5k."""
+    """Median milliseconds of one bnexp training step (the eager step) on mnist5k."""
     cfg = cfg_for(model_name, batch_size, steps, [f"trainer.precision={precision}"])
-    ds = data.load(cfg.data)
-    model = models.build(cfg.model, ds.in_shape, ds.num_classes)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = train.Trainer(cfg, Path(tmp), torch.device("cpu"), ds, model, {})
-        times = []
+        run = Run(cfg, Path(tmp), threads=torch.get_num_threads())
+        eager, times = Eager(run), []
         for _ in range(steps):
-            idx = trainer.next_batch()
+            if run.epoch_used_up():
+                run.new_epoch()
+                eager.set_order([run.perm], 0)
+            run.pos += 1
             start = time.perf_counter()
-            trainer.train_step(idx)
+            eager.steps(1)
             times.append(time.perf_counter() - start)
-            trainer.step += 1
-        trainer.events.close()
+        run.events.close()
     return statistics.median(times[2:]) * 1e3
 
 
@@ -555,7 +551,7 @@ def bench_precision(args: argparse.Namespace, tmp: Path) -> list[dict]:
             accs = {}
             for p in ("fp32", "bf16"):
                 cfg = cfg_for(model_name, 128, result_steps, [f"trainer.precision={p}"])
-                summary = train.run(cfg, Path(tempfile.mkdtemp(dir=tmp)))
+                summary = loop.train([cfg], [Path(tempfile.mkdtemp(dir=tmp))])[0]
                 accs[p] = summary["metrics"]["final_val_acc"]
         rows.append({"model": model_name, "fp32 step ms": times["fp32"],
                      "bf16 step ms": times["bf16"], "bf16 speed-up": times["fp32"] / times["bf16"],
@@ -579,8 +575,6 @@ def bench_vectorized(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespace,
                   tmp: Path) -> list[dict]:
-    from bnexp import vectorized
-
     k = args.models
     lrs = [float(f"{v:.3g}") for v in torch.logspace(-3, 0.5, k).tolist()]
     base = ["trainer.progress=none", f"device={device}", "trainer.checkpoint=false",
@@ -590,8 +584,8 @@ def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespac
 
     def sequential() -> float:
         start = time.perf_counter()
-        summaries = [train.run(compose([*base, f"optim.lr={lr}"]),
-                               Path(tempfile.mkdtemp(dir=tmp))) for lr in lrs]
+        summaries = [loop.train([compose([*base, f"optim.lr={lr}"])],
+                                [Path(tempfile.mkdtemp(dir=tmp))])[0] for lr in lrs]
         seconds = time.perf_counter() - start
         train_seconds["sequential"].append(sum(s["metrics"]["train_seconds"]
                                                for s in summaries))
@@ -602,7 +596,7 @@ def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespac
         cfgs = [compose([*base, f"optim.lr={lr}"]) for lr in lrs]
         dirs = [Path(tempfile.mkdtemp(dir=tmp)) for _ in lrs]
         start = time.perf_counter()
-        summaries = vectorized.run(cfgs, dirs)
+        summaries = loop.train_all(cfgs, dirs)
         seconds = time.perf_counter() - start
         # the stack's training loop is every model's: its train_seconds are the stack's
         train_seconds["vectorized"].append(summaries[0]["metrics"]["train_seconds"])
@@ -626,7 +620,7 @@ def bench_startup(args: argparse.Namespace, tmp: Path) -> list[dict]:
     exe = str(Path(sys.executable).with_name("bnexp"))
     runs = tmp / "startup_runs"
     env = {**os.environ, "BNEXP_OUTPUTS": str(runs)}
-    train.run(cfg_for("mlp", 64, 5), runs / "runs" / "one")  # something for compare to read
+    loop.train([cfg_for("mlp", 64, 5)], [runs / "runs" / "one"])[0]  # something for compare to read
     rows = []
     for command in (["--help"], ["list"], ["compare", str(runs)]):
         def once(command: list[str] = command) -> float:
@@ -648,7 +642,7 @@ def bench_startup(args: argparse.Namespace, tmp: Path) -> list[dict]:
     rows.append({"what": "python -c pass (floor)", "seconds": python, "imports torch": "False"})
     setups = []
     for _ in range(args.repeats):
-        summary = train.run(cfg_for("mlp", 64, 5), Path(tempfile.mkdtemp(dir=tmp)))
+        summary = loop.train([cfg_for("mlp", 64, 5)], [Path(tempfile.mkdtemp(dir=tmp))])[0]
         setups.append(summary["metrics"]["setup_seconds"])
     rows.append({"what": "run set-up on mnist5k (imports excluded)",
                  "seconds": statistics.median(setups), "imports torch": "-"})
@@ -689,11 +683,11 @@ def write_synthetic(root: Path, mnist: int, cifar: int) -> None:
 
 def timed_fit(overrides: list[str], tmp: Path, mark: int | None = None
               ) -> tuple[float, float, dict, float]:
-    """(seconds of Trainer.fit, seconds of the whole run, summary, the fit's seconds at its
+    """(seconds of Loop.fit, seconds of the whole run, summary, the fit's seconds at its
     rate after step `mark`, for all its steps) of one run."""
     start = time.perf_counter()
     with FitTimer(mark) as timer:
-        summary = train.run(compose(overrides), Path(tempfile.mkdtemp(dir=tmp)))
+        summary = loop.train([compose(overrides)], [Path(tempfile.mkdtemp(dir=tmp))])[0]
     assert summary["status"] in ("completed", "diverged"), summary
     wall = time.perf_counter() - start
     steps = summary["metrics"]["steps"]
@@ -800,19 +794,18 @@ def bench_gpu(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 
 def render(title: str, rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    """A markdown table (compare's), with figures rounded for reading."""
+    from bnexp.compare import render as table
 
     def cell(v: object) -> str:
         if isinstance(v, float):
             return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
         return str(v)
 
-    lines = [f"### {title}", "", "| " + " | ".join(keys) + " |",
-             "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    if not rows:
+        return ""
+    return f"### {title}\n\n" + table([{k: cell(v) for k, v in r.items()} for r in rows],
+                                      "markdown")
 
 
 def main() -> None:

@@ -15,8 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bnexp import probes, train
+from bnexp import loop, probes
 from bnexp.config import compose
+from bnexp.run import Run
 
 VARIANTS = {
     "diagnostics off": ["trainer.diagnostics=false"],
@@ -42,19 +43,19 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.disable(logging.INFO)
-    train.Trainer.diagnose = timed(train.Trainer.diagnose)
-    train.probes.mode_comparison = timed(probes.mode_comparison)
+    Run.diagnose = timed(Run.diagnose)
+    probes.mode_comparison = timed(probes.mode_comparison)
     base = ["trainer.progress=none", "trainer.checkpoint=false", "device=cpu", *args.overrides]
     rows: dict[str, dict[str, list[float]]] = {
         name: {"wall": [], "cpu": [], "share": []} for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
-        train.run(compose(base), Path(tmp) / "warmup")
+        loop.train([compose(base)], [Path(tmp) / "warmup"])[0]
         for r in range(args.repeats):
             for name, extra in VARIANTS.items():  # interleaved: drift hits every variant alike
                 cfg = compose([*base, *extra])
                 inside["seconds"] = 0.0
                 wall, cpu = time.perf_counter(), time.process_time()
-                train.run(cfg, Path(tmp) / f"{r}-{list(VARIANTS).index(name)}")
+                loop.train([cfg], [Path(tmp) / f"{r}-{list(VARIANTS).index(name)}"])[0]
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
                 rows[name]["wall"].append(wall)
                 rows[name]["cpu"].append(cpu)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnexp import record, runs, train, vectorized
+from bnexp import loop, record, runs, steps
 from bnexp.config import compose
 
 pytestmark = pytest.mark.gpu
@@ -49,13 +49,13 @@ def report(what: str, value: float) -> None:
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_a_full_run_on_the_gpu_learns_like_the_cpu_run(tmp_path: Path, model: str) -> None:
-    """`train.run` end to end on the GPU: evaluation, every diagnostic and the histograms.
+    """One run end to end on the GPU: evaluation, every diagnostic and the histograms.
     The data order comes from a generator on the run's device, so the two runs see other
     batches: they must learn alike, not bit for bit (the next test compares the steps)."""
     extra = ["model.width=8", "trainer.steps=80"] if model == "cnn" else ["trainer.steps=60"]
     common = [*F64, f"model={model}", *extra]
-    cpu = train.run(compose([*common, "device=cpu"]), tmp_path / "cpu")
-    gpu = train.run(compose([*common, "device=cuda"]), tmp_path / "gpu")
+    cpu = loop.train([compose([*common, "device=cpu"])], [tmp_path / "cpu"])[0]
+    gpu = loop.train([compose([*common, "device=cuda"])], [tmp_path / "gpu"])[0]
     assert cpu["status"] == gpu["status"] == "completed"
     assert gpu["env"]["device"].startswith("cuda") and gpu["env"]["device_name"]
     a, b = cpu["metrics"]["final_val_acc"], gpu["metrics"]["final_val_acc"]
@@ -83,10 +83,10 @@ def test_the_same_steps_on_the_gpu_and_the_cpu_agree_in_float64() -> None:
         device = torch.device(name)
         model = models.build(cfg.model, ds.in_shape, ds.num_classes).double().to(device)
         model.load_state_dict(base.state_dict())
-        opt = train.build_optimizer(cfg.optim, model, 0.1)
+        opt = steps.build_optimizer(cfg.optim, model, 0.1)
         x, y = x_all.to(device), ds.y_train.to(device)
         for idx in batches.to(device):
-            loss, _ = train.loss_and_hits(model, x[idx], y[idx], False)
+            loss, _ = steps.loss_and_hits(model, x[idx], y[idx], False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -102,8 +102,8 @@ def test_a_compiled_run_on_the_gpu_matches_the_eager_run(tmp_path: Path) -> None
     must still agree closely step by step."""
     base = ["device=cuda", "trainer.steps=200", "trainer.progress=none", "trainer.log_every=10",
             "trainer.eval_every=100"]
-    eager = train.run(compose([*base, "trainer.compile=off"]), tmp_path / "eager")
-    compiled = train.run(compose([*base, "trainer.compile=on"]), tmp_path / "compiled")
+    eager = loop.train([compose([*base, "trainer.compile=off"])], [tmp_path / "eager"])[0]
+    compiled = loop.train([compose([*base, "trainer.compile=on"])], [tmp_path / "compiled"])[0]
     assert eager["status"] == compiled["status"] == "completed"
     assert compiled["env"]["training_step"] == "torch.compile + cuda graph"
     a, b = (runs.scalar_series(tmp_path / d, "train/loss") for d in ("eager", "compiled"))
@@ -129,12 +129,12 @@ def test_a_vectorized_stack_on_the_gpu_equals_single_gpu_runs_in_float64(
     common = [*F64, "device=cuda", "trainer.steps=40", f"trainer.compile={compile_setting}"]
     cfgs = [compose([*common, *v]) for v in variants]
     dirs = [tmp_path / f"stacked{i}" for i in range(len(cfgs))]
-    stacked = vectorized.run_group(cfgs, dirs)
+    stacked = loop.train(cfgs, dirs, kind="stack")
     assert stacked[0]["env"]["training_step"] == (
         "cuda graph" if compile_setting == "auto" else "eager")
     worst = 0.0
     for i, cfg in enumerate(cfgs):
-        alone = train.run(cfg, tmp_path / f"alone{i}")
+        alone = loop.train([cfg], [tmp_path / f"alone{i}"])[0]
         assert stacked[i]["status"] == alone["status"]
         assert stacked[i]["metrics"]["diverged_at_step"] == alone["metrics"]["diverged_at_step"]
         if alone["status"] == "diverged":
@@ -154,16 +154,17 @@ def test_bf16_channels_last_cnn_with_gpu_augmentation_learns_like_fp32(tmp_path:
               "trainer.batch_size=128", "trainer.progress=none", "trainer.eval_every=300"]
     accs = {}
     for precision in ("bf16", "fp32"):
-        found = [train.run(compose([*common, f"trainer.precision={precision}", f"seed={seed}"]),
-                           tmp_path / f"{precision}{seed}") for seed in (0, 1)]
+        found = [loop.train([compose([*common, f"trainer.precision={precision}",
+                                      f"seed={seed}"])], [tmp_path / f"{precision}{seed}"])[0]
+                 for seed in (0, 1)]
         assert all(f["status"] == "completed" for f in found)
         assert all(f["env"]["training_step"] == "cuda graph" for f in found)
         accs[precision] = sum(f["metrics"]["final_val_acc"] for f in found) / len(found)
         report(f"CNN {precision}, augmented, 300 steps, mean val acc of 2 seeds",
                accs[precision])
     assert accs["bf16"] > 0.8 and abs(accs["bf16"] - accs["fp32"]) < 0.05
-    eager = train.run(compose([*common, "trainer.precision=bf16", "seed=0",
-                               "trainer.compile=off"]), tmp_path / "bf16-eager")
+    eager = loop.train([compose([*common, "trainer.precision=bf16", "seed=0",
+                               "trainer.compile=off"])], [tmp_path / "bf16-eager"])[0]
     graph = json.loads((tmp_path / "bf160" / "summary.json").read_text())
     gap = abs(eager["metrics"]["final_val_acc"] - graph["metrics"]["final_val_acc"])
     report("CNN bf16, seed 0: captured vs eager, val acc gap", gap)
@@ -185,8 +186,8 @@ def test_the_whole_step_in_a_cuda_graph_equals_the_eager_run_in_float64(
                                     "trainer.diagnostics_every=96", "optim=adam", "optim.lr=0.003",
                                     "optim.schedule=cosine", "optim.warmup_steps=20"]}[model]
     common = [*F64, "device=cuda", *extra]
-    graph = train.run(compose([*common, "trainer.compile=graph"]), tmp_path / "graph")
-    eager = train.run(compose([*common, "trainer.compile=off"]), tmp_path / "eager")
+    graph = loop.train([compose([*common, "trainer.compile=graph"])], [tmp_path / "graph"])[0]
+    eager = loop.train([compose([*common, "trainer.compile=off"])], [tmp_path / "eager"])[0]
     assert graph["env"]["training_step"] == "cuda graph"
     assert eager["env"]["training_step"] == "eager"
     diff = max_difference(final_state(tmp_path / "graph"), final_state(tmp_path / "eager"))

@@ -113,7 +113,7 @@ def test_percentile_drift_is_the_largest_range_of_any_percentile() -> None:
 def test_lr_schedules() -> None:
     from omegaconf import OmegaConf
 
-    from bnexp.train import lr_factor
+    from bnexp.steps import lr_factor
 
     def f(**o):
         base = {"warmup_steps": 0, "schedule": "constant", "gamma": 0.1, "step_size": 10}

@@ -216,7 +216,7 @@ def test_unwritable_outputs_is_a_clear_error(isolated: Path,
 def test_nan_in_bn_running_statistics_does_not_crash_evaluation() -> None:
     from bnexp.data import Inputs
     from bnexp.models import build, norm_layers
-    from bnexp.train import evaluate
+    from bnexp.run import evaluate
 
     model = build(compose([]).model, (1, 28, 28), 10)
     for _, bn in norm_layers(model):

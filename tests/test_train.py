@@ -145,7 +145,7 @@ def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
     """torch.compile's graph capture of the training forward and loss (AOTAutograd, as on a
     GPU; the aot_eager backend runs its graphs without generating kernels): same loss, hits,
     gradients and BN running statistics as the eager step."""
-    from bnexp import models, train
+    from bnexp import models, steps
     from bnexp.config import compose
 
     cfg = compose([f"model={model_name}", "model.width=8"])
@@ -153,8 +153,8 @@ def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
     eager_model = models.build(cfg.model, (1, 28, 28), 10)
     compiled_model = models.build(cfg.model, (1, 28, 28), 10)
     compiled_model.load_state_dict(eager_model.state_dict())
-    eager = train.loss_function(eager_model, False, False)
-    compiled = train.loss_function(compiled_model, False, True, backend="aot_eager")
+    eager = steps.loss_function(eager_model, False, False)
+    compiled = steps.loss_function(compiled_model, False, True, backend="aot_eager")
     x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
     for _ in range(2):  # the second call replays the captured graph
         e, c = _step(eager, eager_model, x, y), _step(compiled, compiled_model, x, y)
@@ -164,29 +164,29 @@ def test_compiled_step_equals_the_eager_step(model_name: str) -> None:
 
 
 def test_compile_auto_stays_eager_on_cpu_and_a_gpu_run_trains_as_a_captured_stack() -> None:
-    from bnexp import train, vectorized
+    from bnexp import steps
     from bnexp.config import compose
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not train.should_compile(cpu, "auto")
-    assert not train.should_compile(cpu, "off")
-    assert train.should_compile(cpu, "on")
-    assert not train.should_compile(cuda, "on")  # the stack of one compiles instead
+    assert not steps.should_compile(cpu, "auto")
+    assert not steps.should_compile(cpu, "off")
+    assert steps.should_compile(cpu, "on")
+    assert not steps.should_compile(cuda, "on")  # the stack of one compiles instead
     for setting, captured in (("auto", True), ("graph", True), ("on", True), ("off", False)):
         cfg = compose([f"trainer.compile={setting}", "trainer.precision=bf16"])
-        assert vectorized.capturable(cfg, cuda) is captured, setting
-        assert not vectorized.capturable(cfg, cpu), setting
+        assert steps.capturable(cfg, cuda) is captured, setting
+        assert not steps.capturable(cfg, cpu), setting
 
 
 @pytest.mark.slow
 def test_inductor_compiled_run_matches_the_eager_run(isolated: Path) -> None:
     """trainer.compile=on end to end on the CPU (inductor generates C++; tens of seconds)."""
-    from bnexp import record, train
+    from bnexp import loop, record
     from bnexp.config import compose
 
     base = ["device=cpu", "trainer.steps=20", "trainer.progress=none", "trainer.threads=1"]
-    eager = train.run(compose([*base, "trainer.compile=off"]), isolated / "eager")
-    compiled = train.run(compose([*base, "trainer.compile=on"]), isolated / "compiled")
+    eager = loop.train([compose([*base, "trainer.compile=off"])], [isolated / "eager"])[0]
+    compiled = loop.train([compose([*base, "trainer.compile=on"])], [isolated / "compiled"])[0]
     assert eager["status"] == compiled["status"] == "completed"
     a = record.load_checkpoint(isolated / "eager" / "checkpoints" / "final.pt")["model"]
     b = record.load_checkpoint(isolated / "compiled" / "checkpoints" / "final.pt")["model"]
@@ -195,19 +195,23 @@ def test_inductor_compiled_run_matches_the_eager_run(isolated: Path) -> None:
 
 
 def test_batches_cover_each_epoch_once_and_drop_the_remainder(isolated: Path) -> None:
-    from bnexp import models, train
     from bnexp.config import compose
+    from bnexp.interrupt import StopFlag
+    from bnexp.loop import Loop
+    from bnexp.run import Run
+    from bnexp.steps import Eager
 
-    cfg = compose(["trainer.batch_size=1500", "device=cpu", "trainer.progress=none"])
-    device, ds = train.preflight(cfg)  # mnist5k: 4,000 training samples
-    trainer = train.Trainer(cfg, isolated, device, ds,
-                            models.build(cfg.model, ds.in_shape, ds.num_classes), {})
-    epoch = [trainer.next_batch() for _ in range(2)]
-    assert trainer.epoch == 1 and [len(b) for b in epoch] == [1500, 1500]
+    cfg = compose(["trainer.batch_size=1500", "trainer.steps=3", "device=cpu",
+                   "trainer.progress=none", "trainer.diagnostics=false"])
+    run = Run(cfg, isolated, threads=1)  # mnist5k: 4,000 training samples
+    seen, batch = [], run.batch
+    run.batch = lambda idx: (seen.append(idx.clone()), batch(idx))[1]  # what each step drew
+    Loop([run], Eager(run)).fit(StopFlag())
+    epoch = seen[:2]
+    assert run.steps_per_epoch == 2 and [len(b) for b in seen] == [1500, 1500, 1500]
     assert len(set(torch.cat(epoch).tolist())) == 3000  # no sample twice; 1,000 left over
-    trainer.next_batch()
-    assert trainer.epoch == 2
-    trainer.events.close()
+    assert run.epoch == 2  # the third batch opened a new epoch
+    run.events.close()
 
 
 def test_eval_batch_size_auto_chunks_conv_evaluation_and_changes_no_result(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bnexp import record, runs, train, vectorized
+from bnexp import loop, record, runs, steps
 from bnexp.cli import app
 from bnexp.config import compose
 
@@ -30,12 +30,12 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def stacked_and_alone(tmp: Path, variants: list[list[str]], common: list[str]
                       ) -> list[tuple[dict, dict, Path, Path]]:
     cfgs = [compose([*F64, *common, *v]) for v in variants]
-    assert len(vectorized.groups(cfgs)) == 1, "the variants must share one stack"
+    assert len(steps.groups(cfgs)) == 1, "the variants must share one stack"
     stacked_dirs = [tmp / f"stacked{i}" for i in range(len(cfgs))]
-    stacked = vectorized.run_group(cfgs, stacked_dirs)
+    stacked = loop.train(cfgs, stacked_dirs, kind="stack")
     out = []
     for i, cfg in enumerate(cfgs):
-        alone = train.run(cfg, tmp / f"alone{i}")
+        alone = loop.train([cfg], [tmp / f"alone{i}"])[0]
         out.append((stacked[i], alone, stacked_dirs[i], tmp / f"alone{i}"))
     return out
 
@@ -115,12 +115,12 @@ def test_checkpoint_of_a_stacked_model_resumes_as_a_single_run(tmp_path: Path) -
     cfgs = [compose([*F64, *common, f"optim.lr={lr}", f"seed={s}"])
             for lr, s in ((0.05, 0), (0.2, 1))]
     dirs = [tmp_path / "a", tmp_path / "b"]
-    vectorized.run_group(cfgs, dirs)
+    loop.train(cfgs, dirs, kind="stack")
     stacked_final = final_state(dirs[1])
     assert record.load_checkpoint(dirs[1] / "checkpoints" / "last.pt")["step"] == 10
     as_interrupted(dirs[1])
     resumed = compose([*F64, *common, "optim.lr=0.2", "seed=1", f"resume={dirs[1]}"])
-    summary = train.run(resumed, dirs[1])
+    summary = loop.train([resumed], [dirs[1]])[0]
     assert summary["status"] == "completed" and summary["metrics"]["steps"] == 20
     assert max_difference(final_state(dirs[1]), stacked_final) <= 1e-10
 
@@ -134,13 +134,13 @@ def test_a_stack_of_one_resumes_from_its_checkpoint_where_it_left_off(
     and log window it saved, it ends where the uninterrupted stack ended."""
     common = [*F64, *optim, "trainer.steps=20", "trainer.checkpoint_every=10",
               "optim.schedule=cosine", "trainer.log_every=3", "data.inputs=unit"]
-    [whole] = vectorized.run_group([compose(common)], [tmp_path / "whole"])
-    [cut] = vectorized.run_group([compose(common)], [tmp_path / "cut"])
+    [whole] = loop.train([compose(common)], [tmp_path / "whole"], kind="stack")
+    [cut] = loop.train([compose(common)], [tmp_path / "cut"], kind="stack")
     assert whole["status"] == cut["status"] == "completed"
     assert record.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 10
     as_interrupted(tmp_path / "cut")
-    [resumed] = vectorized.run_group([compose([*common, f"resume={tmp_path / 'cut'}"])],
-                                     [tmp_path / "cut"])
+    [resumed] = loop.train([compose([*common, f"resume={tmp_path / 'cut'}"])],
+                           [tmp_path / "cut"], kind="stack")
     assert resumed["status"] == "completed" and resumed["metrics"]["steps"] == 20
     assert max_difference(final_state(tmp_path / "cut"), final_state(tmp_path / "whole")) \
         <= 1e-12
@@ -165,17 +165,17 @@ def test_vgg_and_resnet_train_in_a_stack_as_alone(tmp_path: Path, model: list[st
               "trainer.steps=3", "trainer.batch_size=8", "trainer.progress=none",
               "trainer.precision=fp64", "data.augment=false", "trainer.eval_every=3",
               "trainer.diagnostics=false"]
-    [stacked] = vectorized.run_group([compose(common)], [tmp_path / "stacked"])
-    alone = train.run(compose(common), tmp_path / "alone")
+    [stacked] = loop.train([compose(common)], [tmp_path / "stacked"], kind="stack")
+    alone = loop.train([compose(common)], [tmp_path / "alone"])[0]
     assert stacked["status"] == alone["status"] == "completed"
     assert max_difference(final_state(tmp_path / "stacked"), final_state(tmp_path / "alone")) \
         <= 1e-10
 
 
-def test_a_channels_last_stack_of_one_steps_as_the_trainer_alone(tmp_path: Path) -> None:
+def test_a_channels_last_stack_of_one_steps_as_the_eager_step(tmp_path: Path) -> None:
     """On a GPU, conv nets run channels_last, and a stack of one lays its conv weights out
     channels-last inside the flat parameter row (so its views keep that layout). The CPU has
-    channels_last kernels too: the same layout here steps exactly as the trainer alone."""
+    channels_last kernels too: the same layout here steps exactly as the eager step."""
     from conftest import make_cifar10
 
     make_cifar10(tmp_path / "data", per_batch=8)
@@ -183,32 +183,34 @@ def test_a_channels_last_stack_of_one_steps_as_the_trainer_alone(tmp_path: Path)
                    "trainer.steps=6", "trainer.batch_size=8", "trainer.progress=none",
                    "trainer.precision=fp64", "data.augment=true", "trainer.log_every=3",
                    "optim.momentum=0.9"])
-    trainers = []
+    from bnexp.run import Run
+
+    found = []
     for name in ("stacked", "alone"):
-        tr = train.prepare(cfg, tmp_path / name)
-        tr.channels_last = True  # what a CUDA device sets (see train.Trainer)
-        tr.model.to(memory_format=torch.channels_last)
-        trainers.append(tr)
-    stacked, alone = trainers
+        run = Run(cfg, tmp_path / name, threads=1)
+        run.channels_last = True  # what a CUDA device sets (see bnexp.run.Run)
+        run.model.to(memory_format=torch.channels_last)
+        found.append(run)
+    stacked, alone = found
     before = {n: p.detach().clone() for n, p in stacked.model.named_parameters()}
-    stack = vectorized.Stack([stacked])
+    stack = steps.Stack([stacked])
     convs = [n for n, p in stacked.model.named_parameters() if p.dim() == 4]
     assert convs and all(stacked.model.get_parameter(n).is_contiguous(
         memory_format=torch.channels_last) for n in convs)
     assert max_difference(before, dict(stacked.model.named_parameters())) == 0
-    stacked.new_epoch()
-    stack.set_perms([stacked.perm], 0)
-    steps = stacked.steps_per_epoch  # one epoch: the data order is set per epoch
-    stack.steps(steps)
-    for _ in range(steps):
-        alone.train_step(alone.next_batch())
-        alone.step += 1
+    eager = steps.Eager(alone)
+    for run, step in ((stacked, stack), (alone, eager)):
+        run.new_epoch()  # the same generator state: the same order
+        step.set_order([run.perm], 0)
+    n = stacked.steps_per_epoch  # one epoch: the data order is set per epoch
+    stack.steps(n)
+    eager.steps(n)
     assert max_difference(dict(stacked.model.named_parameters()),
                           dict(alone.model.named_parameters())) <= 1e-12
     assert max_difference(dict(stacked.model.named_buffers()),
                           dict(alone.model.named_buffers())) <= 1e-12
-    assert stack.grad_norms[:steps, 0].tolist() == pytest.approx(
-        alone.grad_norms[:steps].tolist(), rel=1e-10)
+    assert stack.grad_norms[:n, 0].tolist() == pytest.approx(
+        eager.grad_norms[:n, 0].tolist(), rel=1e-10)
 
 
 @pytest.mark.slow
@@ -216,9 +218,9 @@ def test_a_compiled_stack_of_one_equals_the_eager_run_in_float64(tmp_path: Path)
     """trainer.compile=on on a GPU: the stack of one's forward through torch.compile (inductor
     generates C++ here, CUDA kernels there; tens of seconds), inside the captured step."""
     common = [*F64, "trainer.steps=12", "trainer.log_every=4", "optim.momentum=0.9"]
-    [compiled] = vectorized.run_group([compose([*common, "trainer.compile=on"])],
-                                      [tmp_path / "compiled"])
-    alone = train.run(compose([*common, "trainer.compile=off"]), tmp_path / "alone")
+    [compiled] = loop.train([compose([*common, "trainer.compile=on"])],
+                            [tmp_path / "compiled"], kind="stack")
+    alone = loop.train([compose([*common, "trainer.compile=off"])], [tmp_path / "alone"])[0]
     assert compiled["status"] == alone["status"] == "completed"
     assert compiled["env"]["training_step"] == "torch.compile + eager"  # no graph on a CPU
     assert max_difference(final_state(tmp_path / "compiled"), final_state(tmp_path / "alone")) \
@@ -254,13 +256,13 @@ def test_runs_of_steps_end_at_every_step_the_loop_acts_on() -> None:
         while step < total:
             if pos == per_epoch:
                 pos = 0
-            n = vectorized.steps_to_event(step, total, t, per_epoch - pos)
+            n = steps.steps_to_event(step, total, t, per_epoch - pos)
             assert n >= 1
             step, pos = step + n, pos + n
             ends.add(step)
         assert ends == wanted | {total}  # each of them, and no other
-        graph = vectorized.graph_steps(t.log_every)
-        assert t.log_every % graph == 0 and graph <= vectorized.GRAPH_STEPS
+        graph = steps.graph_steps(t.log_every)
+        assert t.log_every % graph == 0 and graph <= steps.GRAPH_STEPS
 
 
 def test_groups_stack_only_what_differs_in_per_model_scalars() -> None:
@@ -268,12 +270,12 @@ def test_groups_stack_only_what_differs_in_per_model_scalars() -> None:
                                  ["trainer.batch_size=32"], ["model.norm=none"],
                                  ["optim.momentum=0", "model.init_std=0.3"],
                                  ["trainer.threads=1", "optim.lr=0.5"])]
-    assert vectorized.groups(cfgs) == [[0, 1, 4, 5], [2], [3]]
+    assert steps.groups(cfgs) == [[0, 1, 4, 5], [2], [3]]
     resumed = compose(["resume=/somewhere"])
-    assert vectorized.groups([cfgs[0], resumed, cfgs[1]]) == [[0, 2], [1]]
+    assert steps.groups([cfgs[0], resumed, cfgs[1]]) == [[0, 2], [1]]
     if not torch.cuda.is_available():  # a device that is not there: the run reports it alone
         missing = compose(["device=cuda"])
-        assert vectorized.groups([cfgs[0], missing, cfgs[1]]) == [[0, 2], [1]]
+        assert steps.groups([cfgs[0], missing, cfgs[1]]) == [[0, 2], [1]]
 
 
 def test_sweep_vectorize_gives_every_job_its_own_run(isolated: Path) -> None:

@@ -1,7 +1,8 @@
 """The `bnexp` sweeper: Hydra's basic grid sweeper plus validation, stable job names, resume by
 config hash and a manifest. The logic lives in bnexp.sweep; this class wires it into Hydra."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Hydra's plugin scan executes this module before it
+# is in sys.modules, where dataclasses cannot resolve string annotations.
 
 import copy
 import logging
@@ -108,7 +109,7 @@ class BnexpSweeper(Sweeper):
                                  "device": cfg.device if local else None})
         if key in checked:
             return
-        from bnexp import train
+        from bnexp.run import preflight
 
         with open_dict(cfg):
             probe = copy.deepcopy(cfg)
@@ -116,7 +117,7 @@ class BnexpSweeper(Sweeper):
             if not local:
                 probe.device, probe.trainer.compile = "cpu", "off"
         try:
-            train.preflight(probe)
+            preflight(probe)
         except DataError as exc:
             raise ConfigError(str(exc)) from None
         checked.add(key)

@@ -1,12 +1,13 @@
 """The `bnexp_vectorized` launcher: trains compatible sweep jobs as one stack of models
-(bnexp.vectorized), each job keeping its own directory, .hydra files, events and summary.
+(bnexp.steps.Stack), each job keeping its own directory, .hydra files, events and summary.
 
 Selected by `bnexp sweep --vectorize` (hydra/launcher=bnexp_vectorized). Jobs that cannot share a
 stack (another architecture, batch size, dataset... or a job being resumed) run one by one as
 Hydra's basic launcher would run them.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Hydra's plugin scan executes this module before it
+# is in sys.modules, where dataclasses cannot resolve string annotations.
 
 import logging
 from collections.abc import Sequence
@@ -67,7 +68,7 @@ class VectorizedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from bnexp import vectorized
+        from bnexp.steps import groups
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -80,7 +81,7 @@ class VectorizedLauncher(Launcher):
                 del task["hydra"]
             tasks.append(task)
         returns: list[JobReturn | None] = [None] * len(configs)
-        for members in vectorized.groups(tasks):
+        for members in groups(tasks):
             for start in range(0, len(members), self.max_models):
                 chunk = members[start : start + self.max_models]
                 if len(chunk) == 1:
@@ -91,8 +92,8 @@ class VectorizedLauncher(Launcher):
                 found: dict[int, tuple[DictConfig, Path]] = {}
                 for i in chunk:
                     returns[i] = self._run_job(configs[i], partial(_collect, found, i))
-                codes = vectorized.hydra_group([found[i][0] for i in chunk],
-                                               [found[i][1] for i in chunk])
+                codes = self.task_function.group([found[i][0] for i in chunk],
+                                                 [found[i][1] for i in chunk])
                 for i, code in zip(chunk, codes):
                     returns[i].return_value = code
         return returns

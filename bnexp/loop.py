@@ -1,0 +1,178 @@
+"""The training loop: one loop for every kind of run. A lone run is a group of one.
+
+`train` sets a group of runs up (bnexp.run), picks their step (bnexp.steps), runs `Loop.fit` and
+finishes every run with its status. The loop owns the cadence (log windows, evaluation,
+diagnostics, probes, checkpoints, stop signals, divergence) and the clock: it hands the step
+runs of steps up to the next step with something to do, and between them the step needs
+nothing from the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from bnexp import interrupt, record
+from bnexp.device import choose_threads
+from bnexp.run import Run, StepState
+from bnexp.steps import GRAPH_STEPS, Eager, Stack, choose, groups, steps_to_event
+
+log = logging.getLogger("bnexp")
+
+
+class Loop:
+    """The runs of one group and their step, trained together to their common budget."""
+
+    def __init__(self, runs: Sequence[Run], steps: Eager | Stack):
+        self.runs, self.steps = list(runs), steps
+        self.live = [True] * len(runs)
+        lead = runs[0]
+        self.step, self.total, self.t = lead.step, lead.total_steps, lead.t
+        # A resumed run (trained alone: see steps.stackable) continues its open log window.
+        self.window_steps = lead.checkpoint["window"][2] if lead.checkpoint else 0
+        # A run of steps is at most one graph long (or as long, eagerly): the host's loop
+        # costs little per run of steps, and stop signals are seen between them.
+        self.longest = steps.graph_steps if isinstance(steps, Stack) and steps.capture \
+            else GRAPH_STEPS
+        self.off_clock = 0.0  # seconds of evaluation and probes inside the open window
+
+    def live_runs(self) -> list[tuple[int, Run]]:
+        return [(k, run) for k, run in enumerate(self.runs) if self.live[k]]
+
+    def off(self, fn: Callable, *args: object) -> None:
+        """fn's time is not training time."""
+        start = time.perf_counter()
+        fn(*args)
+        self.off_clock += time.perf_counter() - start
+
+    def state(self, k: int) -> StepState:
+        """What run k's checkpoint needs from the step and the loop, as it is now."""
+        s = self.steps
+        return StepState(s.optimizer_state(k), s.loss_sum[k].detach().clone(),
+                         s.correct[k].clone(), self.window_steps,
+                         s.grad_norms[:, k].contiguous().clone())
+
+    def fit(self, stop: interrupt.StopFlag) -> None:
+        """Train to the step budget, or until every run diverged or a stop signal came."""
+        t, s = self.t, self.steps
+        if self.step == 0:
+            for run in self.runs:
+                run.diagnose()  # the step-0 baseline, before the first window opens
+        window_start = time.perf_counter()
+        while self.step < self.total and any(self.live):
+            lead = next(run for _, run in self.live_runs())
+            if lead.epoch_used_up():
+                for _, run in self.live_runs():
+                    run.new_epoch()  # each run draws its own order, as alone
+                # A retired model's row repeats a live one's (its slot is zero and unused).
+                s.set_order([run.perm if self.live[k] else lead.perm
+                             for k, run in enumerate(self.runs)], 0)
+            n = min(self.longest,
+                    steps_to_event(self.step, self.total, t, lead.steps_per_epoch - lead.pos))
+            s.steps(n)
+            self.window_steps += n
+            self.step += n
+            step = self.step
+            for _, run in self.live_runs():
+                run.step = step
+                run.pos += n
+            last = step == self.total
+            if step % t.log_every == 0 or last:
+                seconds = time.perf_counter() - window_start - self.off_clock
+                for k, run in self.live_runs():
+                    norms = s.grad_norms[step - self.window_steps : step, k]
+                    if not run.log_window(s.loss_sum[k], s.correct[k], self.window_steps,
+                                          seconds, norms, s.lr(k)):
+                        run.evaluate_and_log()  # what a diverged net scores
+                        s.retire(k)
+                        self.live[k] = False
+                s.loss_sum.zero_()
+                s.correct.zero_()
+                self.window_steps, self.off_clock = 0, 0.0
+                window_start = time.perf_counter()
+            if step % t.eval_every == 0 or last:
+                for _, run in self.live_runs():
+                    self.off(run.evaluate_and_log)
+                if len(self.runs) > 1:
+                    best = max((run.history.val_acc[-1][1] for _, run in self.live_runs()
+                                if run.history.val_acc), default=float("nan"))
+                    log.info("bnexp: step %d/%d, %d of %d models training, best val_acc %.4f",
+                             step, self.total, sum(self.live), len(self.runs), best)
+            if t.diagnostics and (step % t.diagnostics_every == 0 or last):
+                for k, _ in self.live_runs():
+                    s.expose_grads(k)
+            for _, run in self.live_runs():
+                self.off(run.diagnose, last)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
+                for k, run in self.live_runs():
+                    self.off(run.save, record.LAST_CHECKPOINT, self.state(k))
+            if stop.signal:  # between runs of steps: the state is consistent here
+                raise KeyboardInterrupt(stop.signal)
+
+
+def train(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path],
+          kind: str = "auto") -> list[dict]:
+    """Train one group of runs (one run, or configs that share a stack: see steps.groups) and
+    record each; their summaries, in order (also on failure). kind: see steps.choose."""
+    threads = choose_threads(str(cfgs[0].trainer.threads), cfgs[0].model.name, len(cfgs))
+    torch.set_num_threads(threads)
+    runs: list[Run] = []
+    for cfg, run_dir in zip(cfgs, run_dirs):
+        with interrupt.immediate():
+            runs.append(Run(cfg, run_dir, threads, shared=runs[0] if runs else None,
+                            stacked=len(cfgs)))
+    if len(runs) > 1:
+        log.info("bnexp: training %d models as one stack (vectorized), threads=%d",
+                 len(runs), threads)
+    loop, error, notes = None, None, {}
+    try:
+        loop = Loop(runs, choose(runs, kind))
+        with contextlib.ExitStack() as scope, interrupt.deferred() as stop:
+            if len(runs) == 1:  # a stack keeps one log line per evaluation instead
+                scope.enter_context(runs[0].progress)
+            loop.fit(stop)
+        ended = "completed"
+    except KeyboardInterrupt:  # a stop signal, seen between steps (see bnexp.interrupt)
+        ended = "interrupted"
+        notes["interrupted_by"] = interrupt.requested() or "SIGINT"
+    except Exception as exc:  # recorded, then reported by the CLI with exit code 1
+        ended, error = "failed", f"{type(exc).__name__}: {exc}"
+        report_failure(error, list(run_dirs))
+    summaries = []
+    for k, run in enumerate(runs):
+        status = "diverged" if run.history.diverged_at_step is not None else ended
+        run.env["training_step"] = loop.steps.description if loop else "eager"
+        summaries.append(run.finish(status, loop.state(k) if loop else None,
+                                    error if status == "failed" else None,
+                                    notes if status == "interrupted" else {}))
+    return summaries
+
+
+def train_all(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict]:
+    """Train every config, stacking the ones that can share a stack; the summaries, in order."""
+    summaries: list[dict | None] = [None] * len(cfgs)
+    for members in groups(cfgs):
+        found = train([cfgs[i] for i in members], [run_dirs[i] for i in members])
+        for i, summary in zip(members, found):
+            summaries[i] = summary
+    return summaries
+
+
+def report_failure(error: str, run_dirs: list[Path]) -> None:
+    """Runs that failed while training: one paragraph on the console (and in train.log, via
+    Hydra's job logging), the traceback only in train.log, for a bug report."""
+    log.error("bnexp: error: the run failed while training: %s. Recorded as failed in its "
+              "summary.json; the traceback is in its train.log.", " ".join(error.split()))
+    for run_dir in run_dirs:
+        try:
+            with open(Path(run_dir) / "train.log", "a") as f:
+                f.write(traceback.format_exc())
+        except OSError:
+            pass  # a full disk: the paragraph above is what there is
