@@ -257,6 +257,8 @@ def register() -> None:
     ConfigStore.instance().store(name="bnexp_schema", node=Config)
     # Cached: the run directory is made once per process.
     OmegaConf.register_new_resolver("bnexp_run_dir", make_run_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("bnexp_not_a_variant", lambda: list(NOT_A_VARIANT),
+                                    replace=True)
     _registered = True
 
 
@@ -532,8 +534,15 @@ def resolved(cfg: DictConfig) -> dict:
     return out
 
 
-# Keys that change how a run is shown or scheduled, not what it computes.
-UNHASHED = ("device", "trainer.threads", "trainer.eval_batch_size", "trainer.progress", "resume")
+# Keys that change how or where a run is carried out, never what it computes: they are left
+# out of a run's directory name (Hydra's override_dirname), of what tells variants apart in
+# compare and of what decides whether runs can share a stack.
+NOT_A_VARIANT = ("device", "trainer.threads", "trainer.eval_batch_size", "trainer.progress",
+                 "resume", "data.root", "data.download")
+# ...and of the config hash (and so of sweep job and study names, which must differ where the
+# hash does), except the dataset's location: hashes recorded by earlier bnexp versions include
+# it, and a changed hash would make every finished run look like another config's to a rerun.
+UNHASHED = tuple(k for k in NOT_A_VARIANT if not k.startswith("data."))
 
 
 def config_hash(cfg: DictConfig | dict) -> str:

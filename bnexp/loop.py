@@ -34,7 +34,7 @@ class Loop:
         self.runs, self.steps = list(runs), steps
         self.live = [True] * len(runs)
         lead = runs[0]
-        self.step, self.total, self.t = lead.step, lead.total_steps, lead.t
+        self.step, self.total, self.trainer = lead.step, lead.total_steps, lead.trainer
         # A resumed run (trained alone: see steps.stackable) continues its open log window.
         self.window_steps = lead.checkpoint["window"][2] if lead.checkpoint else 0
         # A run of steps is at most one graph long (or as long, eagerly): the host's loop
@@ -61,7 +61,7 @@ class Loop:
 
     def fit(self, stop: interrupt.StopFlag) -> None:
         """Train to the step budget, or until every run diverged or a stop signal came."""
-        t, s = self.t, self.steps
+        t, s = self.trainer, self.steps
         if self.step == 0:
             for run in self.runs:
                 run.diagnose()  # the step-0 baseline, before the first window opens

@@ -180,7 +180,7 @@ class Run:
             raise ConfigError(f"resume={cfg.resume} must continue in its own directory; "
                               f"drop hydra.run.dir or set it to {cfg.resume}.")
         # A plain dataclass: DictConfig attribute reads cost ~50 us each, many per step.
-        self.cfg, self.t, self.run_dir = cfg, OmegaConf.to_object(cfg.trainer), run_dir
+        self.cfg, self.trainer, self.run_dir = cfg, OmegaConf.to_object(cfg.trainer), run_dir
         self.config_raw = resolved(cfg)
         config = resolved(cfg)
         # Record the values that ran, not the "auto" placeholders.
@@ -214,25 +214,25 @@ class Run:
             self.x_val = (self.inputs(ds.x_val) if ds.x_val.numel() * 4 <= RESIDENT_FLOAT_BYTES
                           else None)
         self.lr = effective_lr(cfg)
-        self.steps_per_epoch = len(ds.y_train) // self.t.batch_size
-        self.total_steps = self.t.steps or self.t.epochs * self.steps_per_epoch
+        self.steps_per_epoch = len(ds.y_train) // self.trainer.batch_size
+        self.total_steps = self.trainer.steps or self.trainer.epochs * self.steps_per_epoch
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.autocast = self.t.precision == "bf16"
+        self.autocast = self.trainer.precision == "bf16"
         # channels_last: the layout cuDNN's fastest conv kernels (and bf16 tensor cores) use.
         self.channels_last = device.type == "cuda" and cfg.model.name != "mlp"
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.activation = str(cfg.model.activation)
         example = self.x_val[:2] if self.x_val is not None else self.inputs(ds.x_val[:2])
-        self.eval_batch_size = choose_eval_batch_size(str(self.t.eval_batch_size), model,
+        self.eval_batch_size = choose_eval_batch_size(str(self.trainer.eval_batch_size), model,
                                                       example, device)
         config["trainer"]["eval_batch_size"] = self.eval_batch_size  # the value that ran
         self.config = config
         self.events = record.Events(run_dir, ckpt["step"] + 1 if ckpt else None)
-        self.progress = Progress(self.t.progress if stacked == 1 else "none",
+        self.progress = Progress(self.trainer.progress if stacked == 1 else "none",
                                  self.total_steps, self.steps_per_epoch)
-        self.divergence_bound = self.t.divergence_factor * metrics.chance_loss(ds.num_classes)
-        n_probe = min(self.t.probe_batch_size, len(ds.y_train))
+        self.divergence_bound = self.trainer.divergence_factor * metrics.chance_loss(ds.num_classes)
+        n_probe = min(self.trainer.probe_batch_size, len(ds.y_train))
         self.probe_x = self.inputs(ds.x_train[:n_probe])  # fixed: same samples at every probe
         self.probe_y = ds.y_train[:n_probe]
         # Where the run stands: its step and data order (this epoch's permutation and the
@@ -283,7 +283,7 @@ class Run:
 
     def epoch_used_up(self) -> bool:
         """Whether the next batch starts a new epoch (none yet, or no full batch left)."""
-        return self.perm is None or (self.pos + 1) * self.t.batch_size > len(self.perm)
+        return self.perm is None or (self.pos + 1) * self.trainer.batch_size > len(self.perm)
 
     def new_epoch(self) -> None:
         """A new shuffled order of the training set (its last partial batch is dropped: a BN
@@ -299,7 +299,7 @@ class Run:
                    seconds: float, grad_norms: torch.Tensor, lr: float) -> bool:
         """Read a log window's sums (the only host sync of the window), log them, and check
         for divergence; False if the run diverged. grad_norms: the window's steps'."""
-        h, samples = self.history, steps * self.t.batch_size
+        h, samples = self.history, steps * self.trainer.batch_size
         # one read-back for the three (on a GPU each read waits for the queued steps)
         loss_total, hits, grad_max = torch.stack([
             loss_sum.double(), correct.double(), grad_norms.max().double()]).tolist()
@@ -315,7 +315,7 @@ class Run:
             "train/grad_norm": grad_max, "perf/samples_per_sec": sps,
         })
         self.progress.update(self.step, self.epoch, loss=mean_loss, sps=sps)
-        patience = self.t.divergence_patience
+        patience = self.trainer.divergence_patience
         at, why = metrics.divergence(h.train_loss[-patience:], self.divergence_bound, patience)
         if at is not None:
             h.diverged_at_step, h.diverged_reason = at, why
@@ -336,7 +336,7 @@ class Run:
 
     def diagnose(self, last: bool = False) -> None:
         """Diagnostics at their cadences (step 0 included, as the baseline)."""
-        t, step = self.t, self.step
+        t, step = self.trainer, self.step
         if t.diagnostics and (step % t.diagnostics_every == 0 or last):
             inputs = probes.activation_inputs(self.model, self.probe_x)
             values = probes.activation_scalars(inputs, self.activation)

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnexp.config import UNHASHED
+from bnexp.config import NOT_A_VARIANT
 from bnexp.record import SUMMARY
 
 # Config keys that never define a variant: where data lives, how a run was shown.
-NOT_VARIANT = (*UNHASHED, "data.root", "data.download")
 # Keys whose recorded value follows another's when left to their default.
 DERIVED = {"model.affine": "model.norm"}
 
@@ -74,7 +73,7 @@ def varying_keys(runs: list[Run]) -> list[str]:
         keys.update(dict.fromkeys(run.config))
     out: list[str] = []
     for key in keys:
-        if key in NOT_VARIANT:
+        if key in NOT_A_VARIANT:
             continue
         values = {repr(run.config.get(key)) for run in runs}
         cause = DERIVED.get(key)

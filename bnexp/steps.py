@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import UNHASHED, TrainerConfig, resolved
+from bnexp.config import NOT_A_VARIANT, TrainerConfig, resolved
 
 if TYPE_CHECKING:
     from bnexp.run import Run
@@ -90,7 +90,7 @@ def group_key(cfg: DictConfig) -> str:
 
     flat = flatten(resolved(cfg))
     return json.dumps({k: v for k, v in sorted(flat.items())
-                       if k not in VECTORIZABLE and k not in UNHASHED}, default=str)
+                       if k not in VECTORIZABLE and k not in NOT_A_VARIANT}, default=str)
 
 
 def groups(cfgs: Sequence[DictConfig]) -> list[list[int]]:
@@ -229,13 +229,13 @@ class Eager:
         if run.checkpoint is not None:
             self.optimizer.load_state_dict(run.checkpoint["optimizer"])
         self.group = self.optimizer.param_groups[0]
-        self.compiled = should_compile(run.device, run.t.compile)
+        self.compiled = should_compile(run.device, run.trainer.compile)
         self.loss_and_hits = loss_function(model, run.autocast, self.compiled)
         self.loss_sum, self.correct, self.grad_norms = _restored_window(
             [run], self.params[0].dtype, run.device)
         self.step = run.step
         self.perm, self.position = run.perm, run.pos
-        self.batch_size = run.t.batch_size
+        self.batch_size = run.trainer.batch_size
         self.description = "torch.compile" if self.compiled else "eager"
 
     def set_order(self, perms: list[torch.Tensor], position: int) -> None:
@@ -330,7 +330,7 @@ class Stack:
         self.forward = alone if self.k == 1 else torch.func.vmap(forward)
         # trainer.compile=on: torch.compile fuses the forward's kernels, and so its backward's
         # (inside the captured graph on a GPU). Stacks of several models stay uncompiled.
-        self.compiled = self.k == 1 and r0.t.compile == "on"
+        self.compiled = self.k == 1 and r0.trainer.compile == "on"
         if self.compiled:
             self.forward = torch.compile(alone)
         o = [r.cfg.optim for r in runs]
@@ -357,7 +357,7 @@ class Stack:
         # captured step reads them at every replay, and the host need not touch them between
         # steps.
         dev = self.device
-        self.perms = torch.zeros(self.k, r0.steps_per_epoch, r0.t.batch_size,
+        self.perms = torch.zeros(self.k, r0.steps_per_epoch, r0.trainer.batch_size,
                                  dtype=torch.long, device=dev)
         self.position = torch.full((1,), r0.pos, dtype=torch.long, device=dev)
         self.step_count = torch.full((1,), r0.step, dtype=torch.long, device=dev)
@@ -372,7 +372,7 @@ class Stack:
         # Small nets on a GPU spend most of a step launching kernels; a graph launches whole
         # runs of steps at once.
         self.capture = capturable(r0.cfg, self.device)
-        self.graph_steps = graph_steps(r0.t.log_every)
+        self.graph_steps = graph_steps(r0.trainer.log_every)
 
     @property
     def description(self) -> str:

@@ -425,7 +425,7 @@ def event_seconds(model_name: str, batch_size: int, repeats: int,
 
     run = Run(cfg_for(model_name, batch_size, 1000, ["trainer.threads=1"]),
               Path(tempfile.mkdtemp(dir=tmp)), threads=1)
-    eager, t = Eager(run), run.t
+    eager, t = Eager(run), run.trainer
     run.new_epoch()
     eager.set_order([run.perm], 0)
     eager.steps(3)  # gradients exist, as at any diagnostics step after the first

@@ -106,3 +106,48 @@ def test_train_help_lists_groups_options_and_knobs() -> None:
     for needle in ("data=", "mnist5k", "model=", "resnet", "model.norm", "optim.lr",
                    "trainer.batch_size", "hydra.run.dir"):
         assert needle in text
+
+
+def test_each_default_is_stated_once_in_the_schema_not_again_in_a_yaml_file() -> None:
+    """A group option's YAML sets only what differs from the schema's default (its name
+    aside): a default written twice drifts apart the first time one of them changes."""
+    import dataclasses
+
+    import yaml
+
+    from bnexp import config
+
+    schema = {"data": config.DataConfig(), "model": config.ModelConfig(),
+              "optim": config.OptimConfig(), "trainer": config.TrainerConfig()}
+    repeated = []
+    for group, default in schema.items():
+        values = dataclasses.asdict(default)
+        for path in sorted((config.config_dir() / group).glob("*.yaml")):
+            for key, value in (yaml.safe_load(path.read_text()) or {}).items():
+                if key != "name" and key in values and values[key] == value:
+                    repeated.append(f"{group}/{path.name}: {key}={value}")
+    primary = yaml.safe_load((config.config_dir() / "config.yaml").read_text())
+    top = config.Config()
+    repeated += [f"config.yaml: {k}" for k in ("device", "seed", "resume")
+                 if k in primary and primary[k] == getattr(top, k)]
+    assert repeated == []
+
+
+def test_one_list_of_keys_that_do_not_define_a_variant() -> None:
+    """Run directory names, compare's variants and stacking leave out the same keys; the
+    hash leaves out those of them that earlier versions left out."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bnexp import config, runs
+
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config.config_dir()), version_base="1.3"):
+        hydra_cfg = hydra_compose("config", return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    excluded = list(hydra_cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert excluded == list(config.NOT_A_VARIANT)
+    assert set(config.UNHASHED) <= set(config.NOT_A_VARIANT)
+    assert runs.NOT_A_VARIANT is config.NOT_A_VARIANT
