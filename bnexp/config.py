@@ -16,27 +16,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bnexp import catalog
+
 if TYPE_CHECKING:  # omegaconf is imported where used: `bnexp --help` stays fast
     from omegaconf import DictConfig
 
 GROUPS = ("data", "model", "optim", "trainer", "experiment")
 
-DATASETS = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
+DATASETS = tuple(catalog.DATASETS)
 INPUTS = ("standardized", "unit", "raw", "mismatched")  # data.inputs, see data.Inputs
-IMAGE_SIDE = {"mnist5k": 28, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
 # A run keeps one float per step (its gradient-norm record): beyond this it cannot be held.
 MAX_STEPS = 100_000_000
-MODELS = ("mlp", "cnn", "vgg", "resnet")
-NORMS = ("batch", "none")  # the block factory is keyed on this; "layer"/"group" slot in here
-ACTIVATIONS = ("relu", "sigmoid", "tanh")
-NORM_POSITIONS = ("before_act", "after_act")
-INITS = ("default", "normal")
+MODELS = catalog.NETWORKS
+NORMS = catalog.NORMS
+ACTIVATIONS = catalog.ACTIVATIONS
+NORM_POSITIONS = catalog.NORM_POSITIONS
+INITS = catalog.INITS
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16", "fp64")
 COMPILE = ("off", "auto", "graph", "on")
 PROGRESS = ("auto", "rich", "plain", "none")
-VGG_DEPTHS = (11, 13, 16, 19)
+VGG_DEPTHS = tuple(catalog.VGG_STAGES)
 
 
 @dataclass
@@ -506,14 +507,15 @@ def validate(cfg: DictConfig) -> None:
         )
     if m.name == "resnet" and (m.depth - 2) % 6:
         raise fail("model.depth", m.depth, "6n+2 for model=resnet (20, 32, 44, 56, 110)")
-    side = IMAGE_SIDE.get(cfg.data.name)
-    if m.name == "cnn" and side and 2**m.depth > side:
+    side = catalog.DATASETS[cfg.data.name].image_side
+    if m.name == "cnn" and 2**m.depth > side:
         deepest = side.bit_length() - 1
         raise fail("model.depth", m.depth, f"1 to {deepest} for model=cnn on data="
                    f"{cfg.data.name}", f"Each CNN stage halves the {side}x{side} image with a "
                    f"2x2 max-pool, so after {deepest} stages nothing is left to pool.")
     if m.name == "vgg" and m.depth not in VGG_DEPTHS:
-        raise fail("model.depth", m.depth, "one of 11, 13, 16, 19 for model=vgg")
+        raise fail("model.depth", m.depth,
+                   f"one of {', '.join(map(str, VGG_DEPTHS))} for model=vgg")
     if m.norm != "none" and t.batch_size == 1:
         raise fail(
             "trainer.batch_size", 1, "an integer >= 2 with model.norm=batch",

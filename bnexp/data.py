@@ -18,31 +18,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from bnexp import catalog
+
 
 class DataError(RuntimeError):
     """A dataset that is missing, cannot be downloaded or cannot be read; message for people."""
-
-
-@dataclass(frozen=True)
-class Spec:
-    num_classes: int
-    target_acc: float  # default convergence target (trainer.target_acc) for this dataset
-    folder: str  # where torchvision keeps the files, under data.root
-    files: tuple[str, ...]  # the files torchvision reads, relative to folder
-
-
-SPECS: dict[str, Spec] = {
-    "mnist5k": Spec(10, 0.9, "", ()),
-    "mnist": Spec(10, 0.97, "MNIST/raw", (
-        "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
-    "fashion_mnist": Spec(10, 0.85, "FashionMNIST/raw", (
-        "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
-    "cifar10": Spec(10, 0.7, "cifar-10-batches-py", (
-        *(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")),
-    "cifar100": Spec(100, 0.4, "cifar-100-python", ("train", "test", "meta")),
-}
 
 
 @dataclass
@@ -138,7 +118,7 @@ def _torchvision_class(name: str) -> type:
 
 
 def _torchvision(name: str, cfg: DictConfig) -> tuple[np.ndarray, ...]:
-    spec = SPECS[name]
+    spec = catalog.DATASETS[name]
     root = Path(str(cfg.root)).expanduser()
     folder = root / spec.folder
     cls = _torchvision_class(name)
@@ -193,7 +173,7 @@ def load(cfg: DictConfig) -> Dataset:
         return _cache[key]
     arrays = _mnist5k(cfg) if cfg.name == "mnist5k" else _torchvision(cfg.name, cfg)
     x_train, y_train, x_val, y_val = (torch.from_numpy(a) for a in arrays)
-    num_classes = SPECS[cfg.name].num_classes
+    num_classes = catalog.DATASETS[cfg.name].num_classes
     for split, y in (("training", y_train), ("validation", y_val)):
         if len(y) == 0:
             raise DataError(
@@ -235,8 +215,8 @@ class Inputs:
         one = torch.ones_like(ds.std)
         std = {"standardized": ds.std, "mismatched": ds.std, "unit": one, "raw": one / 255}[mode]
         mean = ds.mean if mode in ("standardized", "mismatched") else torch.zeros_like(ds.mean)
-        # x/255 then (x - mean)/std folded into one multiply and one add (in place: 3x faster
-        # than one out-of-place addcmul on MNIST batches here).
+        # x/255 then (x - mean)/std folded into one multiply and one add, in place (faster than
+        # one out-of-place addcmul: docs/performance.md, measured choices).
         scale = (1 / (255 * std)).reshape(1, -1, 1, 1)
         shift = (-mean / std).reshape(1, -1, 1, 1)
         if mode == "mismatched":

@@ -76,9 +76,8 @@ def choose_threads(setting: str, model_name: str, models: int = 1) -> int:
     return max(1, min(cores, round(cores - _busy_cores())))
 
 
-# A CPU evaluates fastest in batches whose largest activation stays cache-sized: the small CNN
-# took 1.1 s for 1,000 samples in batches of 32-128 and 2.1 s in one batch of 1,000, while the
-# MLP (3 KB per sample at most) is fastest in the one large batch (6 vs 9 ms in batches of 128).
+# A CPU evaluates fastest in batches whose largest activation stays cache-sized: a conv net is
+# faster in small batches, an MLP in one large one (docs/performance.md, measured choices).
 EVAL_CHUNK_BYTES = 8 << 20
 EVAL_BATCH_MAX = 1000
 

@@ -34,7 +34,7 @@ class Loop:
         self.runs, self.steps = list(runs), steps
         self.live = [True] * len(runs)
         lead = runs[0]
-        self.step, self.total, self.trainer = lead.step, lead.total_steps, lead.trainer
+        self.total, self.trainer = lead.total_steps, lead.trainer
         # A resumed run (trained alone: see steps.stackable) continues its open log window.
         self.window_steps = lead.checkpoint["window"][2] if lead.checkpoint else 0
         # A run of steps is at most one graph long (or as long, eagerly): the host's loop
@@ -62,11 +62,11 @@ class Loop:
     def fit(self, stop: interrupt.StopFlag) -> None:
         """Train to the step budget, or until every run diverged or a stop signal came."""
         t, s = self.trainer, self.steps
-        if self.step == 0:
+        if s.step == 0:
             for run in self.runs:
                 run.diagnose()  # the step-0 baseline, before the first window opens
         window_start = time.perf_counter()
-        while self.step < self.total and any(self.live):
+        while s.step < self.total and any(self.live):
             lead = next(run for _, run in self.live_runs())
             if lead.epoch_used_up():
                 for _, run in self.live_runs():
@@ -75,11 +75,10 @@ class Loop:
                 s.set_order([run.perm if self.live[k] else lead.perm
                              for k, run in enumerate(self.runs)], 0)
             n = min(self.longest,
-                    steps_to_event(self.step, self.total, t, lead.steps_per_epoch - lead.pos))
+                    steps_to_event(s.step, self.total, t, lead.steps_per_epoch - lead.pos))
             s.steps(n)
             self.window_steps += n
-            self.step += n
-            step = self.step
+            step = s.step
             for _, run in self.live_runs():
                 run.step = step
                 run.pos += n

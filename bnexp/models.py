@@ -13,6 +13,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from bnexp import catalog
+
 
 @dataclass(frozen=True)
 class Knobs:
@@ -105,11 +107,6 @@ class CNN(nn.Sequential):
         super().__init__(*layers)
 
 
-VGG_STAGES = {  # convs per stage; channels width, 2w, 4w, 8w, 8w
-    11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4),
-}
-
-
 class VGG(nn.Sequential):
     """VGG for 32x32 inputs (Santurkar et al. 2018 used VGG on CIFAR-10); 28x28 works too."""
 
@@ -117,7 +114,7 @@ class VGG(nn.Sequential):
                  knobs: Knobs):
         layers: list[nn.Module] = []
         c_in = in_shape[0]
-        for stage, convs in enumerate(VGG_STAGES[depth]):
+        for stage, convs in enumerate(catalog.VGG_STAGES[depth]):
             c_out = width * min(2**stage, 8)
             for _ in range(convs):
                 layers.append(conv_block(c_in, c_out, knobs))

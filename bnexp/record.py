@@ -191,10 +191,10 @@ def load_checkpoint(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- CRC-32C
 # TensorBoard frames every event with CRC-32C checksums that its writer computes in pure Python,
-# a byte at a time (~0.28 us per byte here), on a background thread that holds the GIL meanwhile:
-# while it checksums a 14 KB histogram event, every torch op on the training thread waits up to
-# Python's 5 ms switch interval to get the GIL back. The same checksum in numpy, a 256-byte block
-# at a time (the CRC is linear over GF(2)): ~12x faster on such an event.
+# a byte at a time, on a background thread that holds the GIL meanwhile: while it checksums a
+# histogram event, every torch op on the training thread waits up to Python's switch interval to
+# get the GIL back. The same checksum in numpy, a 256-byte block at a time (the CRC is linear
+# over GF(2)), is an order of magnitude faster (docs/performance.md, measured choices).
 
 _CRC_POLY, _CRC_BLOCK = 0x82F63B78, 256
 _crc_tables: tuple | None = None
@@ -304,7 +304,7 @@ class Events:
 
         _quiet_writer_errors()
 
-        crc32c(b"")  # its tables (~3 ms), built here rather than on the writer's thread
+        crc32c(b"")  # its tables, built here rather than on the writer's thread
         record_writer.masked_crc32c = masked_crc32c  # the writer's checksum (see crc32c)
         # purge_step: a resumed run tells TensorBoard to drop what an earlier process logged
         # from that step on, so no step appears twice.

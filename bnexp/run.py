@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from bnexp import data, interrupt, metrics, models, probes, record
+from bnexp import catalog, data, interrupt, metrics, models, probes, record
 from bnexp.config import UNHASHED, ConfigError, config_hash, resolved
 from bnexp.device import choose_eval_batch_size, environment, resolve_device, seed_everything
 from bnexp.steps import effective_lr, full_precision
@@ -170,8 +170,8 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path, threads: int,
                  shared: Run | None = None, stacked: int = 1):
         run_dir = Path(run_dir)
-        # The first optimizer built in a process imports torch._dynamo (~3 s): pay that before
-        # the clock starts, so that wall_seconds measures the run and not Python's imports.
+        # The first optimizer built in a process imports torch._dynamo (seconds): pay that
+        # before the clock starts, so that wall_seconds measures the run and not the imports.
         torch.optim.SGD([torch.zeros(1, requires_grad=True)])
         started = time.perf_counter()
         device, ds = preflight(cfg)
@@ -185,7 +185,7 @@ class Run:
         config = resolved(cfg)
         # Record the values that ran, not the "auto" placeholders.
         config["model"]["affine"] = models.Knobs.from_config(cfg.model).affine
-        self.target = cfg.trainer.target_acc or data.SPECS[cfg.data.name].target_acc
+        self.target = cfg.trainer.target_acc or catalog.DATASETS[cfg.data.name].target_acc
         config["trainer"]["target_acc"] = self.target
         self.env = environment(device, threads)
         if stacked > 1:
@@ -207,7 +207,7 @@ class Run:
             self.x_train, self.x_val = shared.x_train, shared.x_val
         else:
             # Standardize the training set once when no batch is augmented: converting and
-            # scaling each uint8 batch cost ~10% of an MLP step (docs/performance.md).
+            # scaling each uint8 batch is a visible share of an MLP step (docs/performance.md).
             resident = not self.augment and ds.x_train.numel() * 4 <= RESIDENT_FLOAT_BYTES
             self.x_train = self.inputs(ds.x_train) if resident else None
             # The validation set is never augmented: standardize it once when it fits too.
@@ -271,7 +271,7 @@ class Run:
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """The model inputs of a batch of training indices."""
-        # index_select, not x[idx]: 6x faster for a 128-row MNIST batch on a CPU.
+        # index_select, not x[idx]: much faster on a CPU (docs/performance.md, measured choices).
         if self.x_train is not None:
             x = self.x_train.index_select(0, idx)
         else:

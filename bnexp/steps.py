@@ -4,7 +4,7 @@ The loop (bnexp.loop) owns everything around the step; this module owns the step
 implementations of one interface:
 
 - `Eager`: one model, torch.optim's fused SGD/Adam, the forward eager or torch.compile'd. A lone
-  run on a CPU trains this way (a stack of one measured 1.24x slower there).
+  run on a CPU trains this way (a stack of one is slower there: docs/performance.md).
 - `Stack`: K models of one architecture as stacked tensors (`bnexp sweep --vectorize`): every
   parameter and BN buffer gets a leading model dimension, `torch.func.vmap` runs the K forward
   and backward passes as batched kernels, and a hand-written SGD/Adam applies each model's own
@@ -123,7 +123,7 @@ def effective_lr(cfg: DictConfig) -> float:
 
 def lr_factor(o: DictConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of optim.lr at a step: linear warmup, then constant, cosine or step decay."""
-    # Plain values: reading a DictConfig costs ~0.1 ms per key.
+    # Plain values: the table calls this every step, and a DictConfig read is slow.
     warmup, schedule, gamma, size = o.warmup_steps, o.schedule, o.gamma, o.step_size
 
     def factor(step: int) -> float:
@@ -347,7 +347,7 @@ class Stack:
         self.active = torch.ones(self.k, dtype=like.dtype, device=like.device)
         self.m = torch.zeros_like(self.flat)
         self.v = torch.zeros_like(self.flat) if self.adam else None
-        self.updates = self.import_optimizer_state()
+        self.import_optimizer_state()
         self.any_weight_decay = bool(self.weight_decay.any())
         self.x_train = r0.x_train  # standardized once, shared: the data config is common
         self.y_train = r0.ds.y_train
@@ -360,10 +360,9 @@ class Stack:
         self.perms = torch.zeros(self.k, r0.steps_per_epoch, r0.trainer.batch_size,
                                  dtype=torch.long, device=dev)
         self.position = torch.full((1,), r0.pos, dtype=torch.long, device=dev)
-        self.step_count = torch.full((1,), r0.step, dtype=torch.long, device=dev)
+        # The steps taken: on the host for the loop, on the device for the captured step.
         self.step = r0.step
-        # Adam's step t, a tensor so that a captured step reads it at every replay
-        self.count = torch.full((), float(self.updates), dtype=like.dtype, device=dev)
+        self.step_on_device = torch.full((1,), r0.step, dtype=torch.long, device=dev)
         if r0.perm is not None:  # a resumed run is inside an epoch already
             self.set_order([r.perm for r in runs], r0.pos)
         self.loss_sum, self.correct, self.grad_norms = _restored_window(runs, like.dtype, dev)
@@ -423,7 +422,6 @@ class Stack:
                 self.eager_step()
                 done = 1
             n -= done
-            self.updates += done
             self.step += done
 
     def eager_step(self) -> None:
@@ -486,14 +484,14 @@ class Stack:
                               for g, last in zip(grads, self.channels_last)], dim=1,
                              out=self.grad)
             norms = torch.linalg.vector_norm(grad, dim=1)
-            lr = self.lrs.index_select(0, self.step_count)[0]
+            lr = self.lrs.index_select(0, self.step_on_device)[0]
             self.update(grad, (lr * self.active)[:, None])
             hits = (logits.detach().argmax(-1) == y.view(idx.shape)).sum(1)
-            self.grad_norms.index_copy_(0, self.step_count,
+            self.grad_norms.index_copy_(0, self.step_on_device,
                                         norms.to(self.grad_norms.dtype)[None])
             self.loss_sum.add_(losses)
             self.correct.add_(hits)
-            self.step_count.add_(1)
+            self.step_on_device.add_(1)
             self.position.add_(1)
 
     @torch.no_grad()
@@ -504,7 +502,8 @@ class Stack:
         if self.any_weight_decay:
             g = g.addcmul(p, self.weight_decay[:, None])  # L2, as torch's weight_decay
         if self.adam:
-            t = self.count.add_(1)  # a tensor: a captured step reads it at every replay
+            # Adam's t, this update's number; read on the device, as a captured step must.
+            t = (self.step_on_device[0] + 1).to(p.dtype)
             b1, b2 = self.beta1[:, None], self.beta2[:, None]
             self.m.lerp_(g, 1 - b1)
             self.v.mul_(b2).addcmul_(g, g * (1 - b2))
@@ -529,10 +528,9 @@ class Stack:
         return build_optimizer(run.cfg.optim, run.model, self.host_lrs[k][run.step])
 
     @torch.no_grad()
-    def import_optimizer_state(self) -> int:
+    def import_optimizer_state(self) -> None:
         """A resumed run's optimizer state (torch.optim's format, from its checkpoint) into
-        the stack's buffers; the number of updates done so far (0 for a new run)."""
-        updates = 0
+        the stack's buffers (Adam's own step count is the run's step)."""
         for k, run in enumerate(self.runs):
             if run.checkpoint is None:
                 continue
@@ -547,10 +545,8 @@ class Stack:
                 if self.adam:
                     m[i][0].copy_(state["exp_avg"])
                     v[i][0].copy_(state["exp_avg_sq"])
-                    updates = int(state["step"])
                 elif state.get("momentum_buffer") is not None:
                     m[i][0].copy_(state["momentum_buffer"])
-        return updates or self.runs[0].step
 
     def optimizer_state(self, k: int) -> dict:
         """Model k's slice of the optimizer state, in torch.optim's format: its checkpoint
@@ -562,9 +558,9 @@ class Stack:
         v = self.views(self.v[k : k + 1]) if self.adam else m
         for i, p in enumerate(run.model.parameters()):
             if self.adam:
-                opt.state[p] = {"step": torch.tensor(float(self.updates)),
+                opt.state[p] = {"step": torch.tensor(float(self.step)),
                                 "exp_avg": m[i][0].clone(), "exp_avg_sq": v[i][0].clone()}
-            elif momentum and self.updates:
+            elif momentum and self.step:
                 opt.state[p] = {"momentum_buffer": m[i][0].clone()}
         return opt.state_dict()
 

@@ -9,9 +9,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "bnexp"
 # The flow, from what everything uses to the shell around it. A module may import the ones
 # before it, never one after it.
-FLOW = ["config", "interrupt", "metrics", "stats", "data", "models", "device", "record", "probes",
-        "runs", "steps", "run", "loop", "task", "sweep", "compare", "plots", "studies",
-        "reproduce", "cli", "__main__"]
+FLOW = ["catalog", "config", "interrupt", "metrics", "stats", "data", "models", "device",
+        "record", "probes", "runs", "steps", "run", "loop", "task", "sweep", "compare", "plots",
+        "studies", "reproduce", "cli", "__main__"]
 
 
 def imports(path: Path) -> set[str]:
@@ -51,3 +51,14 @@ def test_only_the_cli_imports_the_hydra_plugins_and_the_plugins_import_bnexp() -
     plugins = PACKAGE.parent / "hydra_plugins" / "bnexp_sweeper"
     used = set().union(*(imports(p) for p in plugins.glob("*.py")))
     assert {"sweep", "steps", "run"} <= used  # the plugins build on bnexp, not beside it
+
+
+def test_the_builders_cover_exactly_the_catalog() -> None:
+    # config validates against catalog's names; data and models must build each of them.
+    from bnexp import catalog, models
+
+    assert tuple(models.NETWORKS) == catalog.NETWORKS
+    assert tuple(models.ACTIVATIONS) == catalog.ACTIVATIONS
+    knobs = models.Knobs()
+    for norm in catalog.NORMS:  # norm_layer raises on a norm it does not know
+        models.norm_layer(models.Knobs(norm, knobs.affine and norm != "none"), 4, spatial=True)
