@@ -498,7 +498,7 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise fail(key, value, allowed)
-    m, t = cfg.model, cfg.trainer
+    m = cfg.model
     if m.affine and m.norm == "none":
         raise fail(
             "model.affine", True, "false or null when model.norm=none",
@@ -516,7 +516,7 @@ def validate(cfg: DictConfig) -> None:
     if m.name == "vgg" and m.depth not in VGG_DEPTHS:
         raise fail("model.depth", m.depth,
                    f"one of {', '.join(map(str, VGG_DEPTHS))} for model=vgg")
-    if m.norm != "none" and t.batch_size == 1:
+    if m.norm != "none" and cfg.trainer.batch_size == 1:
         raise fail(
             "trainer.batch_size", 1, "an integer >= 2 with model.norm=batch",
             "BatchNorm in training normalizes each feature over the batch, and the variance of "

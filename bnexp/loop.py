@@ -61,7 +61,7 @@ class Loop:
 
     def fit(self, stop: interrupt.StopFlag) -> None:
         """Train to the step budget, or until every run diverged or a stop signal came."""
-        t, s = self.trainer, self.steps
+        trainer, s = self.trainer, self.steps
         if s.step == 0:
             for run in self.runs:
                 run.diagnose()  # the step-0 baseline, before the first window opens
@@ -75,7 +75,7 @@ class Loop:
                 s.set_order([run.perm if self.live[k] else lead.perm
                              for k, run in enumerate(self.runs)], 0)
             n = min(self.longest,
-                    steps_to_event(s.step, self.total, t, lead.steps_per_epoch - lead.pos))
+                    steps_to_event(s.step, self.total, trainer, lead.steps_per_epoch - lead.pos))
             s.steps(n)
             self.window_steps += n
             step = s.step
@@ -83,7 +83,7 @@ class Loop:
                 run.step = step
                 run.pos += n
             last = step == self.total
-            if step % t.log_every == 0 or last:
+            if step % trainer.log_every == 0 or last:
                 seconds = time.perf_counter() - window_start - self.off_clock
                 for k, run in self.live_runs():
                     norms = s.grad_norms[step - self.window_steps : step, k]
@@ -96,7 +96,7 @@ class Loop:
                 s.correct.zero_()
                 self.window_steps, self.off_clock = 0, 0.0
                 window_start = time.perf_counter()
-            if step % t.eval_every == 0 or last:
+            if step % trainer.eval_every == 0 or last:
                 for _, run in self.live_runs():
                     self.off(run.evaluate_and_log)
                 if len(self.runs) > 1:
@@ -104,12 +104,12 @@ class Loop:
                                 if run.history.val_acc), default=float("nan"))
                     log.info("bnexp: step %d/%d, %d of %d models training, best val_acc %.4f",
                              step, self.total, sum(self.live), len(self.runs), best)
-            if t.diagnostics and (step % t.diagnostics_every == 0 or last):
+            if trainer.diagnostics and (step % trainer.diagnostics_every == 0 or last):
                 for k, _ in self.live_runs():
                     s.expose_grads(k)
             for _, run in self.live_runs():
                 self.off(run.diagnose, last)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
+            if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and not last:
                 for k, run in self.live_runs():
                     self.off(run.save, record.LAST_CHECKPOINT, self.state(k))
             if stop.signal:  # between runs of steps: the state is consistent here
@@ -143,14 +143,18 @@ def train(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path],
         notes["interrupted_by"] = interrupt.requested() or "SIGINT"
     except Exception as exc:  # recorded, then reported by the CLI with exit code 1
         ended, error = "failed", f"{type(exc).__name__}: {exc}"
-        report_failure(error, list(run_dirs))
+        keep_traceback(list(run_dirs))
     summaries = []
     for k, run in enumerate(runs):
         status = "diverged" if run.history.diverged_at_step is not None else ended
         run.env["training_step"] = loop.steps.description if loop else "eager"
+        # A finish that cannot write (a full disk) raises: the task's one paragraph says so.
         summaries.append(run.finish(status, loop.state(k) if loop else None,
                                     error if status == "failed" else None,
                                     notes if status == "interrupted" else {}))
+    if error:
+        log.error("bnexp: error: the run failed while training: %s. Recorded as failed in its "
+                  "summary.json; the traceback is in its train.log.", " ".join(error.split()))
     return summaries
 
 
@@ -164,14 +168,12 @@ def train_all(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict
     return summaries
 
 
-def report_failure(error: str, run_dirs: list[Path]) -> None:
-    """Runs that failed while training: one paragraph on the console (and in train.log, via
-    Hydra's job logging), the traceback only in train.log, for a bug report."""
-    log.error("bnexp: error: the run failed while training: %s. Recorded as failed in its "
-              "summary.json; the traceback is in its train.log.", " ".join(error.split()))
+def keep_traceback(run_dirs: list[Path]) -> None:
+    """The traceback of a failure while training goes to train.log only, for a bug report;
+    the console gets one paragraph once the runs are recorded (see train)."""
     for run_dir in run_dirs:
         try:
             with open(Path(run_dir) / "train.log", "a") as f:
                 f.write(traceback.format_exc())
         except OSError:
-            pass  # a full disk: the paragraph above is what there is
+            pass  # a full disk: the console paragraph is what there is

@@ -106,12 +106,12 @@ def bn_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _stats(t: torch.Tensor | None) -> dict[str, float] | None:
-    if t is None:
+def _stats(x: torch.Tensor | None) -> dict[str, float] | None:
+    if x is None:
         return None
-    t = t.detach().float()
-    return {"mean": t.mean().item(), "std": t.std().item() if t.numel() > 1 else 0.0,
-            "min": t.min().item(), "max": t.max().item()}
+    x = x.detach().float()
+    return {"mean": x.mean().item(), "std": x.std().item() if x.numel() > 1 else 0.0,
+            "min": x.min().item(), "max": x.max().item()}
 
 
 def bn_report(model: nn.Module) -> list[dict]:

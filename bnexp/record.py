@@ -332,13 +332,13 @@ class Events:
 
         found = []  # one event for all of them, as for scalars
         for tag, tensor in tensors.items():
-            t = sample(tensor).double().cpu()
-            lo, hi = (t.min().item(), t.max().item()) if t.numel() else (0.0, 0.0)
+            x = sample(tensor).double().cpu()
+            lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 continue  # TensorBoard rejects NaN bins; the NaN shows in the scalars
-            counts, edges = torch.histogram(t, bins=64, range=(lo, hi if hi > lo else lo + 1))
+            counts, edges = torch.histogram(x, bins=64, range=(lo, hi if hi > lo else lo + 1))
             found.append(Summary.Value(tag=tag, histo=HistogramProto(
-                min=lo, max=hi, num=t.numel(), sum=t.sum().item(), sum_squares=t.dot(t).item(),
+                min=lo, max=hi, num=x.numel(), sum=x.sum().item(), sum_squares=x.dot(x).item(),
                 bucket_limit=edges[1:].tolist(), bucket=counts.tolist())))
         if found:
             self.writer.file_writer.add_summary(Summary(value=found), step)

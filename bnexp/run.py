@@ -336,20 +336,20 @@ class Run:
 
     def diagnose(self, last: bool = False) -> None:
         """Diagnostics at their cadences (step 0 included, as the baseline)."""
-        t, step = self.trainer, self.step
-        if t.diagnostics and (step % t.diagnostics_every == 0 or last):
+        trainer, step = self.trainer, self.step
+        if trainer.diagnostics and (step % trainer.diagnostics_every == 0 or last):
             inputs = probes.activation_inputs(self.model, self.probe_x)
             values = probes.activation_scalars(inputs, self.activation)
             if step > 0:
                 values.update(probes.layer_norms(self.model))
             self.events.scalars(step, values)
             self.history.diagnostics.append((step, values))
-            if step % t.histogram_every == 0 or last:
+            if step % trainer.histogram_every == 0 or last:
                 self.events.histograms(step, {f"act_input/{k}": v for k, v in inputs.items()})
                 self.events.histograms(step, probes.bn_tensors(self.model))
-        if t.probe_every and (step % t.probe_every == 0 or last):
+        if trainer.probe_every and (step % trainer.probe_every == 0 or last):
             found = probes.landscape(self.model, self.probe_x, self.probe_y,
-                                     tuple(r * self.lr for r in t.probe_step_sizes))
+                                     tuple(r * self.lr for r in trainer.probe_step_sizes))
             self.history.landscape.append((step, found))
             self.events.scalars(step, {f"landscape/{k}": v for k, v in found.items()})
 
@@ -463,7 +463,7 @@ def diagnostic_summary(points: list[tuple[int, dict[str, float]]]) -> dict:
     }
 
 
-def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per_epoch: int,
+def summarize(h: History, trainer: DictConfig, steps: int, total_steps: int, steps_per_epoch: int,
               target: float, wall: float) -> dict:
     """The summary's metrics from the history (all arithmetic lives in bnexp.metrics)."""
     last = lambda seq: seq[-1][1] if seq else None  # noqa: E731
@@ -490,7 +490,7 @@ def summarize(h: History, t: DictConfig, steps: int, total_steps: int, steps_per
         "diverged": h.diverged_at_step is not None,
         "diverged_at_step": h.diverged_at_step,
         "diverged_reason": h.diverged_reason,
-        "loss_spikes": metrics.loss_spikes(h.train_loss, t.spike_ratio),
+        "loss_spikes": metrics.loss_spikes(h.train_loss, trainer.spike_ratio),
         "loss_std_tail": metrics.tail_std(h.train_loss, 0.1),
         "grad_norm_max": max(h.grad_norms) if h.grad_norms else None,
         "grad_norm_median": metrics.median(h.grad_norms),

@@ -187,12 +187,13 @@ def graph_steps(log_every: int) -> int:
     return max(n for n in range(1, GRAPH_STEPS + 1) if log_every % n == 0)
 
 
-def steps_to_event(step: int, total: int, t: TrainerConfig, epoch_left: int) -> int:
+def steps_to_event(step: int, total: int, trainer: TrainerConfig, epoch_left: int) -> int:
     """Steps from `step` to the next one after which the loop has something to do: a log
     window, evaluation, diagnostics, probe, checkpoint, an epoch's end or the last step."""
     n = min(total - step, epoch_left)
-    for every in (t.log_every, t.eval_every, t.diagnostics_every if t.diagnostics else 0,
-                  t.probe_every, t.checkpoint_every):
+    for every in (trainer.log_every, trainer.eval_every,
+                  trainer.diagnostics_every if trainer.diagnostics else 0,
+                  trainer.probe_every, trainer.checkpoint_every):
         if every:
             n = min(n, every - step % every)
     return n

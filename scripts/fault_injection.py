@@ -173,8 +173,13 @@ def disk_scenario(args: argparse.Namespace, rng: random.Random) -> bool:
             first = subprocess.run(cmd, env=env, capture_output=True, text=True)
             seen = statuses(mount / "sweeps" / "full")
             tracebacks = (first.stdout + first.stderr).count("Traceback")
-            print(f"full disk: exit {first.returncode}, statuses {seen}, {tracebacks} tracebacks")
-            ok = first.returncode != 0 and "running" not in seen.values() and not tracebacks
+            # One paragraph per failed job, not one from training and one from its finish.
+            paragraphs = first.stderr.count("bnexp: error:")
+            failed = sum(v == "failed" for v in seen.values())
+            print(f"full disk: exit {first.returncode}, statuses {seen}, {tracebacks} tracebacks, "
+                  f"{paragraphs} error paragraphs for {failed} failed jobs")
+            ok = (first.returncode != 0 and "running" not in seen.values() and not tracebacks
+                  and paragraphs <= failed)
             finished = {k: (mount / "sweeps" / "full" / k / "summary.json").read_bytes()
                         for k, v in seen.items() if v == "completed"}
             subprocess.run(["mount", "-o", "remount,size=400m", str(mount)], check=True)

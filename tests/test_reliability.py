@@ -203,6 +203,30 @@ def test_a_full_disk_fails_clearly_and_keeps_earlier_results(
     assert not list(second.rglob("*.tmp"))
 
 
+def test_a_disk_that_fills_while_training_gives_one_paragraph_and_a_failed_run(
+        isolated: Path) -> None:
+    # A real limit on file size (RLIMIT_FSIZE, as a full disk: the write fails with an
+    # OSError): the first checkpoint, mid-training, no longer fits; the events file does.
+    import resource
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, not the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    run_dir = isolated / "full"
+    done = subprocess.run(
+        [sys.executable, "-m", "bnexp", "train", "trainer.steps=300",
+         "trainer.checkpoint_every=100", "trainer.progress=none", "device=cpu",
+         f"hydra.run.dir={run_dir}"], capture_output=True, text=True, preexec_fn=small_files)
+    assert done.returncode == 1, done.stderr
+    said = done.stdout + done.stderr
+    assert said.count("bnexp: error:") == 1, said  # not one per failed write
+    assert "File too large" in said and "Traceback" not in said
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "File too large" in summary["error"]
+    assert not list(run_dir.rglob("*.tmp"))
+
+
 def test_unwritable_outputs_is_a_clear_error(isolated: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = isolated / "file"
