@@ -183,34 +183,43 @@ def test_slurm_launcher_config_composes(isolated: Path) -> None:
     ["experiment=lr_stability", "optim.lr=100", "model.activation=relu"],
     ["data=mnist", "data.root=/x", "data.val_fraction=0.1", "seed=5"],
     ["optim.lr=1e-3", "trainer.steps=7", "hydra.sweep.dir=elsewhere"],
+    ["seed=3", "hydra.sweep.subdir='lr=0.1,seed=3'", "resume='/a/lr=0.1,seed=3'"],
+    ["+model.extra=1", "optim.lr=0.2"],  # composed by Hydra itself: the order matters there
+    ["hydra.job.config.override_dirname.kv_sep=-", "seed=1"],
 ])
-def test_planned_job_config_is_what_hydra_composes(overrides: list[str]) -> None:
-    """The sweeper composes once per set of config-group choices and applies plain values
-    itself (planning speed); the result must be Hydra's own composition of the job."""
+@pytest.mark.parametrize("master", [[], ["hydra.sweep.dir=outputs/x", "optim.lr=0.05"]])
+def test_every_job_config_is_what_hydra_composes(overrides: list[str],
+                                                  master: list[str]) -> None:
+    """Planning and the launchers compose through ComposeOnce (once per set of group
+    choices, plain values applied after): the result, Hydra's node included, must be Hydra's
+    own composition of the job, flags and all."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     from bnexp.config import config_dir, register
-    from hydra_plugins.bnexp_sweeper.bnexp_sweeper import BnexpSweeper
+    from hydra_plugins.bnexp_sweeper.composition import ComposeOnce
 
     register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        sweeper = BnexpSweeper()
-        sweeper.hydra_context = type("Context", (), {"config_loader": loader})()
-        sweeper.config = loader.load_configuration("config", [], RunMode.MULTIRUN)
-        parser = OverridesParser.create(config_loader=loader)
-        composed: dict = {}
+        fast = ComposeOnce(loader)
+        config = loader.load_configuration("config", master, RunMode.MULTIRUN)
         for _ in range(2):  # the second time from the cache of composed bases
-            fast = sweeper._task_config(overrides, parser, composed)
-            reference = loader.load_sweep_config(sweeper.config, overrides)
-            with open_dict(reference):
-                del reference["hydra"]
-            assert OmegaConf.to_container(fast) == OmegaConf.to_container(reference)
+            ours = fast.load_sweep_config(config, overrides)
+            reference = loader.load_sweep_config(config, overrides)
+            assert OmegaConf.to_container(ours) == OmegaConf.to_container(reference)
+            assert OmegaConf.to_yaml(ours, resolve=False) == OmegaConf.to_yaml(reference)
+            for a, b in ((ours, reference), (ours.hydra, reference.hydra),
+                         (ours.optim, reference.optim)):
+                assert OmegaConf.is_struct(a) == OmegaConf.is_struct(b)
+                assert OmegaConf.is_readonly(a) == OmegaConf.is_readonly(b)
+        plain = [o for o in overrides if o.split("=")[0] in ("optim.lr", "seed", "model.width",
+                                                            "optim.beta1", "trainer.steps")]
+        if plain == overrides:  # only plain values: one composition for both calls
+            assert len(fast.bases) == 1
     GlobalHydra.instance().clear()
 
 

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import OverrideType
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -52,9 +50,16 @@ class BnexpSweeper(Sweeper):
         self.hydra_context = None
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
-        self.hydra_context, self.config = hydra_context, config
+        from hydra.types import HydraContext
+
+        from hydra_plugins.bnexp_sweeper.composition import ComposeOnce
+
+        # Planning and every launcher compose the jobs' configs through one cache.
+        self.hydra_context = HydraContext(config_loader=ComposeOnce(hydra_context.config_loader),
+                                          callbacks=hydra_context.callbacks)
+        self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=self.hydra_context, task_function=task_function, config=config)
 
     def _plan(self, arguments: list[str]) -> tuple[list[dict], list[str]]:
         from bnexp import sweep
@@ -69,10 +74,9 @@ class BnexpSweeper(Sweeper):
         swept = grid + [k for k in swept if k not in grid]
         sweep_dir = Path(self.config.hydra.sweep.dir)
         plan, names = [], set()
-        composed: dict[tuple[str, ...], DictConfig] = {}
         checked: set[str] = set()
         for overrides in (job for batch in batches for job in batch):
-            cfg = self._task_config(list(overrides), parser, composed)
+            cfg = self._task_config(list(overrides))
             name = sweep.job_name(overrides, swept)
             try:
                 validate(cfg)
@@ -146,27 +150,11 @@ class BnexpSweeper(Sweeper):
         for job in stale:
             job["status"] = "pending"
 
-    def _task_config(self, overrides: list[str], parser: OverridesParser,
-                     composed: dict[tuple[str, ...], DictConfig]) -> DictConfig:
-        """A job's task config, as Hydra composes it. Hydra composes every job from the YAML
-        files (~0.25 s each: half a minute to plan a 100-job grid); jobs usually differ only in
-        plain values, so compose once per set of config-group choices and apply the values
-        the way Hydra applies them after composing (`_apply_overrides_to_config`)."""
-        loader = self.hydra_context.config_loader
-        groups, values = [], []
-        for o in parser.parse_overrides(overrides):
-            plain = (o.type == OverrideType.CHANGE and o.package is None
-                     and not o.is_hydra_override()
-                     and not loader.repository.group_exists(o.key_or_group.replace(".", "/")))
-            (values if plain else groups).append(o)
-        key = tuple(o.input_line for o in groups)
-        if key not in composed:
-            base = loader.load_sweep_config(self.config, list(key))
-            with open_dict(base):
-                del base["hydra"]
-            composed[key] = base
-        cfg = copy.deepcopy(composed[key])
-        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+    def _task_config(self, overrides: list[str]) -> DictConfig:
+        """A job's task config, as Hydra composes it (through ComposeOnce)."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(cfg):
+            del cfg["hydra"]
         return cfg
 
     def sweep(self, arguments: list[str]) -> Any:
