@@ -97,8 +97,7 @@ def _hydra(argv: list[str], task: Task | None = None) -> int:
     main = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     saved, sys.argv = sys.argv, ["bnexp", *argv]
     try:
-        # Hydra's composition swallows a KeyboardInterrupt now and then: record, do not raise.
-        with interrupt.handled(), interrupt.deferred():
+        with interrupt.handled():  # signals are recorded, and the task reads the record
             main(task if task is not None else Task())()
     except KeyboardInterrupt:
         pass  # before any task began: nothing was written
@@ -192,10 +191,8 @@ def _check_and_run(overrides: list[str]) -> int:
             if not any(o.startswith("hydra/sweeper=") for o in plain):
                 overrides = [*overrides, "hydra/sweeper=bnexp"]
         if not multirun:  # bad input stops here, before any directory exists
-            with interrupt.deferred():
-                cfg = compose(plain)
-            if interrupt.requested():
-                return interrupt.exit_code()
+            cfg = compose(plain)
+            interrupt.check()
             from bnexp.data import DataError
             from bnexp.run import preflight  # torch only once the config is known good
 
@@ -204,6 +201,7 @@ def _check_and_run(overrides: list[str]) -> int:
             except DataError as exc:
                 raise ConfigError(str(exc)) from None
             _check_writable(plain)
+            interrupt.check()
     except ConfigError as exc:
         if interrupt.requested():  # a Ctrl-C that a library turned into an error
             return interrupt.exit_code()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from bnexp import catalog
+from bnexp import catalog, interrupt
 
 
 class DataError(RuntimeError):
@@ -64,7 +64,8 @@ def _mnist5k_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
             return f["x"], f["y"]
     except (OSError, ValueError, KeyError):
         pass
-    x, y = mnist_data()
+    with interrupt.immediate():  # np.genfromtxt: seconds
+        x, y = mnist_data()
     x, y = x.reshape(-1, 1, 28, 28).astype(np.uint8), y.astype(np.int64)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,8 @@ def _torchvision(name: str, cfg: DictConfig) -> tuple[np.ndarray, ...]:
     cls = _torchvision_class(name)
     chatter = io.StringIO()  # torchvision prints each failed mirror; keep it for the error
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
+                interrupt.immediate():  # a download can take minutes
             train = cls(str(root), train=True, download=cfg.download)
             test = cls(str(root), train=False, download=cfg.download)
     except Exception as exc:  # torchvision raises many types; all end in one message

@@ -1,13 +1,14 @@
 """Ctrl-C and SIGTERM: the first stop signal of a command, remembered for the whole process.
 
-A signal normally raises KeyboardInterrupt wherever Python happens to be, and libraries that
-run in start-up can swallow it (OmegaConf does, while Hydra composes the config: a 100-epoch
-run then trained to the end). So the signal is also recorded here, and every later point that
-starts work (a task, the first training step) reads the record: a lost Ctrl-C still stops.
-Inside `deferred()` (Hydra's own start-up and launching, the training loop, writing a run's
-results) a signal is only recorded: the loop stops between two steps, where a checkpoint is
-consistent, and a second Ctrl-C cannot cut a summary in half. `immediate()` marks the set-up
-that may take long (data), where a signal raises at once.
+A signal normally raises KeyboardInterrupt wherever Python happens to be. Raised inside an
+import it can be swallowed (OmegaConf's composition once let a 100-epoch run train to the end)
+or land in a weakref callback of the import lock, which prints a traceback; raised inside C++
+code that runs Python it leaves CPython's "unhandled Ctrl-C" flag set, so the process later
+kills itself with SIGINT (exit -2) whatever bnexp returns. So while a command runs, a signal is
+only recorded here, and the points that start or continue work (after composing, a task's
+start, between training steps, before writing results) read the record and stop cleanly; a
+second Ctrl-C cannot cut a summary in half. Only `immediate()` (reading or downloading a
+dataset, which can take minutes and imports nothing) raises at once.
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ class StopFlag:
 
 
 STOP = StopFlag()  # this process's record
-_state = {"installed": 0, "deferred": 0}
+_state = {"installed": 0, "immediate": 0}
 
 
 def _handler(signum: int, frame: object) -> None:
-    STOP.signal = STOP.signal or signal.Signals(signum).name
-    if not _state["deferred"]:
+    if STOP.signal is None:
+        STOP.signal = signal.Signals(signum).name
+        if os.environ.get(PARENT_VARIABLE) == _me():  # a sweep: its workers stop with it
+            for pid in workers_of(os.getpid(), trackers=False):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signum)
+    if _state["immediate"]:
         raise KeyboardInterrupt(STOP.signal)
 
 
@@ -56,7 +62,7 @@ def _main_thread() -> bool:
 @contextlib.contextmanager
 def handled() -> Iterator[StopFlag]:
     """Record stop signals for the duration of a command (a fresh record for each command
-    run in this process); the previous handlers come back afterwards."""
+    run in this process), raising nothing; the previous handlers come back afterwards."""
     if not _main_thread() or _state["installed"]:
         yield STOP
         return
@@ -85,27 +91,32 @@ def _blocked() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[StopFlag]:
-    """Inside, a stop signal only sets the flag: the caller polls it where stopping is safe.
-    Installs the handlers if no command did (a launcher's worker process)."""
+    """Inside, a stop signal only sets the flag, even within immediate(): the caller polls it
+    where stopping is safe. Installs the handlers if no command did (a launcher's worker)."""
     with handled() if not _state["installed"] else contextlib.nullcontext(STOP):
-        _state["deferred"] += 1
+        saved, _state["immediate"] = _state["immediate"], 0
         try:
             yield STOP
         finally:
-            _state["deferred"] -= 1
+            _state["immediate"] = saved
 
 
 @contextlib.contextmanager
 def immediate() -> Iterator[None]:
-    """Inside (set-up that can take long: reading or downloading data), a signal raises
-    KeyboardInterrupt at once, even within deferred(); one already recorded raises now."""
-    saved, _state["deferred"] = _state["deferred"], 0
+    """Inside (reading or downloading data: long, and no imports), a signal raises
+    KeyboardInterrupt at once; one already recorded raises now."""
+    check()
+    _state["immediate"] += 1
     try:
-        if STOP.signal:
-            raise KeyboardInterrupt(STOP.signal)
         yield
     finally:
-        _state["deferred"] = saved
+        _state["immediate"] -= 1
+
+
+def check() -> None:
+    """Raise KeyboardInterrupt if a stop signal was recorded: where work may stop cleanly."""
+    if STOP.signal:
+        raise KeyboardInterrupt(STOP.signal)
 
 
 def ignore_further() -> None:
@@ -143,16 +154,27 @@ def orphaned() -> bool:
 PARENT_VARIABLE = "BNEXP_SWEEP_PARENT"  # host:pid of the sweep that launched a worker
 
 
-def workers_of(parent: int) -> list[int]:
+def _me() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def in_worker() -> bool:
+    """This process is a worker that a sweep launched (a pool's, or a cluster job)."""
+    return os.environ.get(PARENT_VARIABLE, _me()) != _me()
+
+
+def workers_of(parent: int, trackers: bool = True) -> list[int]:
     """Live processes that the sweep process `parent` launched on this host, found by the
-    variable it passes them (Linux /proc; empty where there is none)."""
+    variable it passes them (Linux /proc; empty where there is none). trackers=False leaves
+    out the pool's resource trackers, which clean up after the workers and must outlive them."""
     from pathlib import Path
 
     mark = f"{PARENT_VARIABLE}={socket.gethostname()}:{parent}".encode()
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if mark in (proc / "environ").read_bytes().split(b"\0"):
+            if mark in (proc / "environ").read_bytes().split(b"\0") and (
+                    trackers or b"resource_tracker" not in (proc / "cmdline").read_bytes()):
                 found.append(int(proc.name))
         except OSError:
             continue

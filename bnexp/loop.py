@@ -124,9 +124,10 @@ def train(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path],
     torch.set_num_threads(threads)
     runs: list[Run] = []
     for cfg, run_dir in zip(cfgs, run_dirs):
-        with interrupt.immediate():
-            runs.append(Run(cfg, run_dir, threads, shared=runs[0] if runs else None,
-                            stacked=len(cfgs)))
+        interrupt.check()  # reading the data raises at once; the rest of set-up stops here
+        runs.append(Run(cfg, run_dir, threads, shared=runs[0] if runs else None,
+                        stacked=len(cfgs)))
+    interrupt.check()
     if len(runs) > 1:
         log.info("bnexp: training %d models as one stack (vectorized), threads=%d",
                  len(runs), threads)

@@ -55,6 +55,15 @@ class Task:
     results: list[Result] = field(default_factory=list)
 
     def __call__(self, cfg: DictConfig) -> int:
+        with interrupt.handled():  # in a launcher's worker too: signals only recorded
+            try:
+                return self._job(cfg)
+            except SystemExit as exc:  # stopped: the sweep must not go on to its next job,
+                if interrupt.in_worker():  # but a pool treats a worker's exit as a crash
+                    return int(exc.code)
+                raise
+
+    def _job(self, cfg: DictConfig) -> int:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
@@ -90,25 +99,34 @@ class Task:
             h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
             log.addHandler(h)
         try:
-            if interrupt.requested():
-                raise SystemExit(interrupt.exit_code())
-            before = [StartSnapshot.take(Path(d)) for d in run_dirs]
-            with contextlib.ExitStack() as scope:
-                held = [record.hold(Path(d)) for d in run_dirs]
-                for f in held:
-                    if f is not None:
-                        scope.enter_context(f)
-                busy = [str(d) for d, f in zip(run_dirs, held) if f is None]
-                if busy:
-                    print(f"bnexp: error: {', '.join(busy)}: in use by another bnexp "
-                          "process; nothing was changed there. Wait for it to end, then "
-                          "rerun.", file=sys.stderr)
-                    return [EXIT_BAD_INPUT] * len(cfgs)
-                return self._train(list(cfgs), [Path(d) for d in run_dirs], before, True)
+            with interrupt.handled():
+                try:
+                    return self._group(cfgs, run_dirs)
+                except SystemExit as exc:  # as in __call__
+                    if interrupt.in_worker():
+                        return [int(exc.code)] * len(cfgs)
+                    raise
         finally:
             for h in handlers:
                 log.removeHandler(h)
                 h.close()
+
+    def _group(self, cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[int]:
+        if interrupt.requested():
+            raise SystemExit(interrupt.exit_code())
+        before = [StartSnapshot.take(Path(d)) for d in run_dirs]
+        with contextlib.ExitStack() as scope:
+            held = [record.hold(Path(d)) for d in run_dirs]
+            for f in held:
+                if f is not None:
+                    scope.enter_context(f)
+            busy = [str(d) for d, f in zip(run_dirs, held) if f is None]
+            if busy:
+                print(f"bnexp: error: {', '.join(busy)}: in use by another bnexp "
+                      "process; nothing was changed there. Wait for it to end, then "
+                      "rerun.", file=sys.stderr)
+                return [EXIT_BAD_INPUT] * len(cfgs)
+            return self._train(list(cfgs), [Path(d) for d in run_dirs], before, True)
 
     def _train(self, cfgs: list[DictConfig], run_dirs: list[Path],
                before: list[StartSnapshot], sweep_job: bool) -> list[int]:

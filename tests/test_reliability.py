@@ -353,6 +353,27 @@ def test_killing_a_parallel_sweep_leaves_no_orphan_and_no_job_runs_twice(isolate
         assert steps == sorted(set(steps)), job  # resumed where it stopped, no step twice
 
 
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_at_once(isolated: Path) -> None:
+    """`kill PID` of the sweep alone (as a scheduler or `timeout` does): the workers get the
+    signal too, so the sweep ends 143 now, not after its jobs have trained to the end."""
+    args = ["sweep", "--name", "term", "--jobs", "2", "seed=0,1", "trainer.epochs=200",
+            "trainer.progress=none", "trainer.checkpoint_every=50", "device=cpu"]
+    parent = start(args)
+    sweep_dir = isolated / "outputs" / "sweeps" / "term"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(sweep_dir.glob("seed=*/checkpoints/last.pt"))) < 2:
+        time.sleep(0.1)  # both are training (a signal in set-up leaves no run at all)
+    os.kill(parent.pid, signal.SIGTERM)
+    out = parent.communicate(timeout=60)[0].decode()
+    assert parent.returncode == 143, out
+    assert "Traceback" not in out, out
+    assert not workers_of(parent.pid)
+    statuses = [json.loads(p.read_text())["status"] for p in sweep_dir.glob("seed=*/summary.json")]
+    assert statuses == ["interrupted", "interrupted"], (statuses, out)
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert {j["status"] for j in manifest["jobs"].values()} == {"interrupted"}, manifest
+
+
 @pytest.mark.parametrize("content", ["", "\x00\x01garbage", "{host} {sleeper} 1"])
 def test_a_claim_that_names_no_live_bnexp_process_is_taken_over(
         isolated: Path, content: str) -> None:

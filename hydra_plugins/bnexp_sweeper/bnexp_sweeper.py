@@ -227,6 +227,12 @@ class BnexpSweeper(Sweeper):
             except (KeyboardInterrupt, SystemExit):  # a stop signal: the manifest says so
                 self._write_manifest(sweep_dir, manifest, plan)
                 raise
+            except Exception:
+                if not interrupt.requested():
+                    raise
+                # The signal reached the workers too (a pool reports them as killed).
+                self._write_manifest(sweep_dir, manifest, plan)
+                raise SystemExit(interrupt.exit_code()) from None
             finally:
                 for job in chunk:
                     sweep.release(sweep_dir, job["name"])
