@@ -121,6 +121,7 @@ class History:
     diagnostics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)  # every step
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # evaluation's share of wall_seconds (off the training clock)
     samples: int = 0
     diverged_at_step: int | None = None
     diverged_reason: str | None = None
@@ -325,9 +326,11 @@ class Run:
 
     def evaluate_and_log(self) -> None:
         ready = self.x_val is not None
+        start = time.perf_counter()
         loss, acc = evaluate(self.model, self.x_val if ready else self.ds.x_val, self.ds.y_val,
                              None if ready else self.inputs, self.eval_batch_size)
         h = self.history
+        h.eval_seconds += time.perf_counter() - start
         h.val_loss.append((self.step, loss))
         h.val_acc.append((self.step, acc))
         h.val_wall.append((self.step, time.perf_counter() - self.started))
@@ -498,6 +501,7 @@ def summarize(h: History, trainer: DictConfig, steps: int, total_steps: int, ste
         **diagnostic_summary(h.diagnostics),
         "wall_seconds": wall,
         "train_seconds": h.train_seconds,
+        "eval_seconds": h.eval_seconds,
         "samples_per_second": h.samples / h.train_seconds if h.train_seconds else None,
     }
 
