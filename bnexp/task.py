@@ -59,9 +59,7 @@ class Task:
             try:
                 return self._job(cfg)
             except SystemExit as exc:  # stopped: the sweep must not go on to its next job,
-                if interrupt.in_worker():  # but a pool treats a worker's exit as a crash
-                    return int(exc.code)
-                raise
+                return self._worker_stopped(int(exc.code))  # but a pool reads exits as crashes
 
     def _job(self, cfg: DictConfig) -> int:
         from hydra.core.hydra_config import HydraConfig
@@ -103,13 +101,22 @@ class Task:
                 try:
                     return self._group(cfgs, run_dirs)
                 except SystemExit as exc:  # as in __call__
-                    if interrupt.in_worker():
-                        return [int(exc.code)] * len(cfgs)
-                    raise
+                    return [self._worker_stopped(int(exc.code))] * len(cfgs)
         finally:
             for h in handlers:
                 log.removeHandler(h)
                 h.close()
+
+    @staticmethod
+    def _worker_stopped(code: int) -> int:
+        """A stop in a pool's worker returns its code (the sweep stops by its own signal); an
+        orphan, whose sweep is gone, ends its process so that it waits for no next job."""
+        if interrupt.orphaned():
+            logging.shutdown()
+            os._exit(code)
+        if interrupt.in_worker():
+            return code
+        raise SystemExit(code)
 
     def _group(self, cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[int]:
         if interrupt.requested():
