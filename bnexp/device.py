@@ -118,8 +118,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    else:  # (an earlier run in this process may have asked for determinism)
-        torch.use_deterministic_algorithms(False)
+    else:
+        # Only if an earlier run in this process asked for determinism: the call imports
+        # torch._inductor and with it torch._dynamo (1.7 s).
+        if torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(False)
         # A run's shapes are fixed: let cuDNN time its conv algorithms once and keep the best.
         torch.backends.cudnn.benchmark = True
 

@@ -171,9 +171,6 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path, threads: int,
                  shared: Run | None = None, stacked: int = 1):
         run_dir = Path(run_dir)
-        # The first optimizer built in a process imports torch._dynamo (seconds): pay that
-        # before the clock starts, so that wall_seconds measures the run and not the imports.
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)])
         started = time.perf_counter()
         device, ds = preflight(cfg)
         ckpt = resume_checkpoint(cfg)

@@ -3,17 +3,19 @@
 The loop (bnexp.loop) owns everything around the step; this module owns the step itself, in two
 implementations of one interface:
 
-- `Eager`: one model, torch.optim's fused SGD/Adam, the forward eager or torch.compile'd. A lone
-  run on a CPU trains this way (a stack of one is slower there: docs/performance.md).
+- `Eager`: one model, the forward eager or torch.compile'd. A lone run on a CPU trains this way
+  (a stack of one is slower there: docs/performance.md).
 - `Stack`: K models of one architecture as stacked tensors (`bnexp sweep --vectorize`): every
   parameter and BN buffer gets a leading model dimension, `torch.func.vmap` runs the K forward
-  and backward passes as batched kernels, and a hand-written SGD/Adam applies each model's own
-  learning rate, momentum and weight decay. On a GPU a run of steps is captured once in a CUDA
+  and backward passes as batched kernels, with each model's own learning rate, momentum and
+  weight decay. On a GPU a run of steps is captured once in a CUDA
   graph and replayed; a lone GPU run trains as a stack of one for that.
 
-Both take their learning rates from one table (`lr_table`), keep the log window's sums and every
-step's gradient norm on the device (read by the loop at its cadence), and hand a model's
-optimizer state out in torch.optim's format, so that any checkpoint resumes either way.
+Both update through bnexp.optim (SGD/Adam on the parameters as flat rows, without torch.optim
+and the torch._dynamo import it brings), take their learning rates from one table (`lr_table`),
+keep the log window's sums and every step's gradient norm on the device (read by the loop at
+its cadence), and hand a model's optimizer state out in torch.optim's format, so that any
+checkpoint resumes either way.
 `choose` is the one place that decides which a group of runs uses.
 """
 
@@ -32,6 +34,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import NOT_A_VARIANT, TrainerConfig, resolved
+from bnexp.optim import Layout, Optimizer
 
 if TYPE_CHECKING:
     from bnexp.run import Run
@@ -40,7 +43,6 @@ log = logging.getLogger("bnexp")
 
 VECTORIZABLE = ("optim.lr", "optim.momentum", "optim.weight_decay", "optim.beta1",
                 "optim.beta2", "seed", "model.init_std")
-ADAM_EPS = 1e-8  # torch.optim.Adam's default, which the eager step uses
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph capture
 # Steps unrolled into one CUDA graph: one replay launches them all, so the host's own per-step
 # cost is paid once per GRAPH_STEPS (docs/performance.md).
@@ -145,17 +147,6 @@ def lr_table(cfg: DictConfig, total_steps: int) -> list[float]:
     return [base * factor(step) for step in range(total_steps + 1)]
 
 
-def build_optimizer(o: DictConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    # The fused kernel updates all parameters in one pass (docs/performance.md).
-    device = next(model.parameters()).device.type
-    fast = {"fused": True} if device in ("cpu", "cuda") else {"foreach": True}
-    if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum,
-                               nesterov=o.nesterov, weight_decay=o.weight_decay, **fast)
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=(o.beta1, o.beta2),
-                            weight_decay=o.weight_decay, **fast)
-
-
 def full_precision(logits: torch.Tensor) -> torch.Tensor:
     """Logits for the loss: bf16 (autocast) upcast to fp32; fp32 and fp64 as they are."""
     return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
@@ -219,22 +210,30 @@ def _restored_window(runs: Sequence[Run], dtype: torch.dtype,
 
 
 class Eager:
-    """One model's steps with torch.optim: the usual PyTorch step, nothing hidden."""
+    """One model's steps: the usual PyTorch step (forward, backward, update), with the update
+    of bnexp.optim on the model's parameters laid out as one flat row."""
 
     def __init__(self, run: Run):
         self.run, self.k = run, 1
         model = run.model
         self.params = list(model.parameters())
+        self.layout = Layout(model)
+        with torch.no_grad():
+            self.flat = self.layout.row(self.params)[None]
+        self.layout.bind([model], self.flat)
+        self.grad = torch.zeros_like(self.flat)
         self.lrs = lr_table(run.cfg, run.total_steps)
-        self.optimizer = build_optimizer(run.cfg.optim, model, self.lrs[run.step])
+        self.lr_column = torch.tensor(self.lrs, dtype=self.flat.dtype,
+                                      device=self.flat.device)[:, None, None]
+        self.optimizer = Optimizer(self.flat, [run.cfg.optim], self.layout)
         if run.checkpoint is not None:
-            self.optimizer.load_state_dict(run.checkpoint["optimizer"])
-        self.group = self.optimizer.param_groups[0]
+            self.optimizer.load_state_dict(0, run.checkpoint["optimizer"])
         self.compiled = should_compile(run.device, run.trainer.compile)
         self.loss_and_hits = loss_function(model, run.autocast, self.compiled)
         self.loss_sum, self.correct, self.grad_norms = _restored_window(
             [run], self.params[0].dtype, run.device)
         self.step = run.step
+        self.step_on_device = torch.tensor(run.step, device=run.device)
         self.perm, self.position = run.perm, run.pos
         self.batch_size = run.trainer.batch_size
         self.description = "torch.compile" if self.compiled else "eager"
@@ -250,16 +249,16 @@ class Eager:
             self.position += 1
             x, y = run.batch(idx), run.ds.y_train.index_select(0, idx)
             loss, hits = self.loss_and_hits(x, y)
-            # What zero_grad(set_to_none=True) does, without its profiler and dynamo wrappers.
             for p in self.params:
                 p.grad = None
             loss.backward()
-            grads = [p.grad for p in self.params if p.grad is not None]
-            # The global gradient norm, written in place on the device; read per log window.
-            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)),
-                                     out=self.grad_norms[self.step, 0])
-            self.group["lr"] = self.lrs[self.step]
-            self.optimizer.step()
+            with torch.no_grad():
+                torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                           for p in self.params], out=self.grad[0])
+                # The gradient norm, written in place on the device; read per log window.
+                torch.linalg.vector_norm(self.grad[0], out=self.grad_norms[self.step, 0])
+                self.optimizer.update(self.grad, self.lr_column[self.step], self.step_on_device)
+            self.step_on_device += 1
             self.loss_sum += loss.detach()
             self.correct += hits
             self.step += 1
@@ -275,14 +274,10 @@ class Eager:
         """A diverged model stops: nothing else trains here."""
 
     def optimizer_state(self, k: int) -> dict:
-        return self.optimizer.state_dict()
+        return self.optimizer.state_dict(0, self.step, self.lrs[self.step])
 
 
 # ----------------------------------------------------------------------------- stack
-
-
-def _per_model(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 class Stack:
@@ -300,21 +295,14 @@ class Stack:
         self.buffer_names = [n for n, _ in models[0].named_buffers()]
         # All parameters of a model in one row of a K x N matrix: the optimizer then updates
         # every model in a few passes over one tensor, not per parameter and per model.
-        first = dict(models[0].named_parameters())
-        self.shapes = [first[n].shape for n in self.names]
-        # Conv weights of channels_last models are laid out channels-last inside the row too,
-        # so that their views keep the layout cuDNN's fast kernels want.
-        self.channels_last = [r0.channels_last and len(shape) == 4 for shape in self.shapes]
-        sizes = [first[n].numel() for n in self.names]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.layout = Layout(models[0], r0.channels_last)
         with torch.no_grad():
-            self.flat = torch.stack([self.row(list(m.parameters())) for m in models]
+            self.flat = torch.stack([self.layout.row(list(m.parameters())) for m in models]
                                     ).requires_grad_()
             self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models])
                             for n in self.buffer_names}
-        for k, m in enumerate(models):  # each model now reads and writes its slice
-            for p, view in zip(m.parameters(), self.views(self.flat.detach()[k : k + 1])):
-                p.data = view[0]
+        self.layout.bind(models, self.flat)  # each model now reads and writes its slice
+        for k, m in enumerate(models):
             for n, b in m.named_buffers():
                 b.data = self.buffers[n][k]
         self.base = copy.deepcopy(models[0]).to("meta")
@@ -334,22 +322,15 @@ class Stack:
         self.compiled = self.k == 1 and r0.trainer.compile == "on"
         if self.compiled:
             self.forward = torch.compile(alone)
-        o = [r.cfg.optim for r in runs]
         like = self.flat
-        self.adam = o[0].name == "adam"
-        self.nesterov = bool(o[0].nesterov)
         tables = [lr_table(r.cfg, r.total_steps) for r in runs]
         self.lrs = torch.tensor(tables, dtype=like.dtype, device=like.device).T.contiguous()
         self.host_lrs = tables
-        self.momentum = _per_model([c.momentum for c in o], like)
-        self.weight_decay = _per_model([c.weight_decay for c in o], like)
-        self.beta1 = _per_model([c.beta1 for c in o], like)
-        self.beta2 = _per_model([c.beta2 for c in o], like)
         self.active = torch.ones(self.k, dtype=like.dtype, device=like.device)
-        self.m = torch.zeros_like(self.flat)
-        self.v = torch.zeros_like(self.flat) if self.adam else None
-        self.import_optimizer_state()
-        self.any_weight_decay = bool(self.weight_decay.any())
+        self.optimizer = Optimizer(self.flat, [r.cfg.optim for r in runs], self.layout)
+        for k, run in enumerate(runs):
+            if run.checkpoint is not None:
+                self.optimizer.load_state_dict(k, run.checkpoint["optimizer"])
         self.x_train = r0.x_train  # standardized once, shared: the data config is common
         self.y_train = r0.ds.y_train
         self.autocast, self.device = r0.autocast, r0.device
@@ -382,22 +363,8 @@ class Stack:
 
     # ------------------------------------------------------------------ the step
 
-    def row(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """One model's parameters as one row of the flat matrix (see views)."""
-        return torch.cat([(p.permute(0, 2, 3, 1) if last else p).reshape(-1)
-                          for p, last in zip(params, self.channels_last)])
-
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The K-stacked parameter tensors inside rows of flat (K x N)."""
-        out = []
-        for a, b, shape, last in zip(self.offsets, self.offsets[1:], self.shapes,
-                                     self.channels_last):
-            if last:
-                o, c, h, w = shape
-                out.append(flat[:, a:b].view(-1, o, h, w, c).permute(0, 1, 4, 2, 3))
-            else:
-                out.append(flat[:, a:b].view(-1, *shape))
-        return out
+        return self.layout.views(flat)
 
     def set_order(self, perms: list[torch.Tensor], position: int) -> None:
         """The epoch's data order of every model (its batches as rows), and the position of
@@ -482,11 +449,11 @@ class Stack:
         grads = torch.autograd.grad(losses.sum(), list(params.values()))
         with torch.no_grad():
             grad = torch.cat([(g.permute(0, 1, 3, 4, 2) if last else g).reshape(self.k, -1)
-                              for g, last in zip(grads, self.channels_last)], dim=1,
+                              for g, last in zip(grads, self.layout.channels_last)], dim=1,
                              out=self.grad)
             norms = torch.linalg.vector_norm(grad, dim=1)
             lr = self.lrs.index_select(0, self.step_on_device)[0]
-            self.update(grad, (lr * self.active)[:, None])
+            self.optimizer.update(grad, (lr * self.active)[:, None], self.step_on_device[0])
             hits = (logits.detach().argmax(-1) == y.view(idx.shape)).sum(1)
             self.grad_norms.index_copy_(0, self.step_on_device,
                                         norms.to(self.grad_norms.dtype)[None])
@@ -495,75 +462,16 @@ class Stack:
             self.step_on_device.add_(1)
             self.position.add_(1)
 
-    @torch.no_grad()
-    def update(self, g: torch.Tensor, lr: torch.Tensor) -> None:
-        """torch.optim.SGD / Adam's update rules (as the eager step uses them) on all models'
-        parameters at once, every hyperparameter a per-model column."""
-        p = self.flat
-        if self.any_weight_decay:
-            g = g.addcmul(p, self.weight_decay[:, None])  # L2, as torch's weight_decay
-        if self.adam:
-            # Adam's t, this update's number; read on the device, as a captured step must.
-            t = (self.step_on_device[0] + 1).to(p.dtype)
-            b1, b2 = self.beta1[:, None], self.beta2[:, None]
-            self.m.lerp_(g, 1 - b1)
-            self.v.mul_(b2).addcmul_(g, g * (1 - b2))
-            denom = (self.v.sqrt() / (1 - b2 ** t).sqrt()).add_(ADAM_EPS)
-            p.addcdiv_(self.m * (-lr / (1 - b1 ** t)), denom)
-            return
-        mom = self.momentum[:, None]
-        # torch starts the momentum buffer at the first gradient: from zero, mom * 0 + g is
-        # exactly that, with no branch on the step number.
-        self.m.mul_(mom).add_(g)
-        d = g.addcmul(self.m, mom) if self.nesterov else self.m
-        p.addcmul_(d, -lr)
-
     # ------------------------------------------------------------------ one model
 
     def lr(self, k: int) -> float:
         """Model k's learning rate of the next step."""
         return self.host_lrs[k][self.step]
 
-    def _torch_optimizer(self, k: int) -> torch.optim.Optimizer:
-        run = self.runs[k]
-        return build_optimizer(run.cfg.optim, run.model, self.host_lrs[k][run.step])
-
-    @torch.no_grad()
-    def import_optimizer_state(self) -> None:
-        """A resumed run's optimizer state (torch.optim's format, from its checkpoint) into
-        the stack's buffers (Adam's own step count is the run's step)."""
-        for k, run in enumerate(self.runs):
-            if run.checkpoint is None:
-                continue
-            opt = self._torch_optimizer(k)
-            opt.load_state_dict(run.checkpoint["optimizer"])
-            m = self.views(self.m[k : k + 1])
-            v = self.views(self.v[k : k + 1]) if self.adam else m
-            for i, p in enumerate(run.model.parameters()):
-                state = opt.state.get(p)
-                if not state:
-                    continue
-                if self.adam:
-                    m[i][0].copy_(state["exp_avg"])
-                    v[i][0].copy_(state["exp_avg_sq"])
-                elif state.get("momentum_buffer") is not None:
-                    m[i][0].copy_(state["momentum_buffer"])
-
     def optimizer_state(self, k: int) -> dict:
-        """Model k's slice of the optimizer state, in torch.optim's format: its checkpoint
-        resumes as a single run."""
-        run = self.runs[k]
-        opt = self._torch_optimizer(k)
-        momentum = float(self.momentum[k])
-        m = self.views(self.m[k : k + 1])
-        v = self.views(self.v[k : k + 1]) if self.adam else m
-        for i, p in enumerate(run.model.parameters()):
-            if self.adam:
-                opt.state[p] = {"step": torch.tensor(float(self.step)),
-                                "exp_avg": m[i][0].clone(), "exp_avg_sq": v[i][0].clone()}
-            elif momentum and self.step:
-                opt.state[p] = {"momentum_buffer": m[i][0].clone()}
-        return opt.state_dict()
+        """Model k's optimizer state, in torch.optim's format: its checkpoint resumes as a
+        single run."""
+        return self.optimizer.state_dict(k, self.step, self.host_lrs[k][self.step])
 
     def expose_grads(self, k: int) -> None:
         """Model k's gradients of the last step as its parameters' .grad, for diagnostics."""
@@ -580,9 +488,7 @@ class Stack:
         for b in model.buffers():
             b.data = b.data.clone()
         self.flat[k].zero_()
-        self.m[k].zero_()
-        if self.adam:
-            self.v[k].zero_()
+        self.optimizer.retire(k)
         for n in self.buffer_names:
             self.buffers[n][k].fill_(1.0 if n.endswith("running_var") else 0)
         self.active[k] = 0

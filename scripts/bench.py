@@ -21,6 +21,11 @@ a loop down, so the fastest round is the least disturbed one):
   vectorized  K models trained at once (`bnexp sweep --vectorize`) vs K sequential runs;
   startup     `bnexp --help`, `bnexp list`, `bnexp compare` (no torch import) and a run's own
               set-up time, imports excluded;
+  endtoend    the CLI as a user types it, every command a fresh process: a 32-job sweep with
+              and without --vectorize (paired, alternating), the per-job overhead of sequential
+              sweeps (sweep wall minus its jobs' training and evaluation, per job, and its
+              slope over two sweep sizes), a study's wall vs its training, and where one
+              `bnexp train` process spends its time;
   compile     torch.compile on the CPU: its one-off cost and its gain per step;
   gpu         the GPU goals (eager vs CUDA graphs, bf16 + channels_last CNN), when a GPU is
               present; on a machine without one the section says so.
@@ -62,8 +67,8 @@ from bnexp.run import Run
 from bnexp.steps import Eager
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("throughput", "steady", "threads", "precision", "vectorized", "startup", "compile",
-            "gpu")
+SECTIONS = ("throughput", "steady", "threads", "precision", "vectorized", "startup", "endtoend",
+            "compile", "gpu")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -653,6 +658,157 @@ def _timed_run(cmd: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, capture_output=True, check=True)
     return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def cli_command(args: list[str], outputs: Path) -> tuple[float, list[dict]]:
+    """(wall seconds, the summaries it wrote) of one bnexp command in a fresh process, with
+    its outputs in a folder of their own (nothing to skip)."""
+    exe = str(Path(sys.executable).with_name("bnexp"))
+    env = {**os.environ, "BNEXP_OUTPUTS": str(outputs)}
+    start = time.perf_counter()
+    done = subprocess.run([exe, *args], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"bnexp {' '.join(args)} exited {done.returncode}: "
+                           f"{done.stderr[-2000:]}")
+    return wall, [json.loads(p.read_text()) for p in sorted(outputs.rglob("summary.json"))]
+
+
+def training_seconds(summaries: list[dict]) -> float:
+    """The training the summaries' runs did: a stack's train_seconds are every member's, so
+    each member counts for its share."""
+    return sum(s["metrics"]["train_seconds"] / s["env"].get("vectorized_models", 1)
+               for s in summaries)
+
+
+def own_seconds(summaries: list[dict]) -> float:
+    """Training and evaluation: the work of the runs themselves (issue 17's definition)."""
+    return sum((s["metrics"]["train_seconds"] + s["metrics"]["eval_seconds"])
+               / s["env"].get("vectorized_models", 1) for s in summaries)
+
+
+def quartile_text(values: list[float]) -> str:
+    if len(values) < 4:
+        return f"{min(values):.3g}-{max(values):.3g}"
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{q1:.3g}-{q3:.3g}"
+
+
+def bench_endtoend(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Whole CLI commands, as the user runs them (issue 17): the figures that a user's
+    stopwatch sees, start-up, composition, files and all."""
+    count, seeds, epochs = (2, "0,1", 1) if args.quick else (16, "0,1", 5)
+    small = 2 if args.quick else 4
+    folder = iter(range(10**6))
+
+    def sweep(n: int, vectorize: bool) -> tuple[float, list[dict]]:
+        cmd = ["sweep", f"--lr-grid=1e-3:0.3:{n}", f"seed={seeds}", f"trainer.epochs={epochs}",
+               "device=cpu", *(["--vectorize"] if vectorize else [])]
+        return cli_command(cmd, tmp / "endtoend" / str(next(folder)))
+
+    repeats = max(1, min(args.repeats, 3))
+    walls: dict[str, list[float]] = {"sequential": [], "vectorized": [], "small": []}
+    own: dict[str, list[float]] = {k: [] for k in walls}
+    jobs = {"sequential": 2 * count, "vectorized": 2 * count, "small": 2 * small}
+    for _ in range(repeats):  # the three take turns, so that drift hits them alike
+        for way, (n, vec) in {"sequential": (count, False), "vectorized": (count, True),
+                              "small": (small, False)}.items():
+            wall, summaries = sweep(n, vec)
+            assert len(summaries) == jobs[way], (way, len(summaries))
+            walls[way].append(wall)
+            own[way].append(own_seconds(summaries))
+    speedup = [s / v for s, v in zip(walls["sequential"], walls["vectorized"])]
+    rows = [{"what": f"sweep, {jobs['sequential']} jobs, sequential", "wall s":
+             statistics.median(walls["sequential"]), "quartiles": quartile_text(
+                 walls["sequential"]), "ratio": 1.0},
+            {"what": f"sweep, {jobs['vectorized']} jobs, --vectorize", "wall s":
+             statistics.median(walls["vectorized"]), "quartiles": quartile_text(speedup),
+             "ratio": statistics.median(speedup)}]
+    # Per-job overhead by the issue's definition, and split into a fixed part (the process's
+    # start-up) and a marginal part per job, from the two sweep sizes.
+    per_job = [(w - o) / jobs["sequential"] for w, o in zip(walls["sequential"],
+                                                              own["sequential"])]
+    extra = [((w - o) - (ws - os_)) / (jobs["sequential"] - jobs["small"])
+             for w, o, ws, os_ in zip(walls["sequential"], own["sequential"], walls["small"],
+                                      own["small"])]
+    fixed = [(ws - os_) - jobs["small"] * e for ws, os_, e in zip(walls["small"], own["small"],
+                                                                  extra)]
+    rows += [{"what": "per-job overhead, sequential (wall - train - eval) / jobs",
+              "wall s": statistics.median(per_job), "quartiles": quartile_text(per_job),
+              "ratio": "-"},
+             {"what": f"  marginal per job (slope, {jobs['small']} vs {jobs['sequential']} jobs)",
+              "wall s": statistics.median(extra), "quartiles": quartile_text(extra),
+              "ratio": "-"},
+             {"what": "  fixed per sweep process (intercept)", "wall s":
+              statistics.median(fixed), "quartiles": quartile_text(fixed), "ratio": "-"}]
+
+    # A study: its wall against the training it did.
+    study = ["reproduce", "lr_stability", *(["trainer.steps=5", "optim.lr=0.1,1",
+                                            "seed=0,1"] if args.quick else [])]
+    ratios, study_walls = [], []
+    for _ in range(1 if args.quick else min(repeats, 2)):
+        wall, summaries = cli_command(study, tmp / "endtoend" / str(next(folder)))
+        study_walls.append(wall)
+        ratios.append(wall / training_seconds(summaries))
+    rows.append({"what": f"bnexp reproduce lr_stability ({len(summaries)} runs): wall / "
+                         "training", "wall s": statistics.median(study_walls),
+                 "quartiles": quartile_text(ratios), "ratio": statistics.median(ratios)})
+    return rows + train_startup(args, tmp)
+
+
+STARTUP_PROBE = """
+import sys, time, json
+marks = [("python start-up", time.perf_counter())]
+def mark(what):
+    marks.append((what, time.perf_counter()))
+import torch; mark("import torch")
+import hydra, omegaconf; mark("import hydra")
+import torch.utils.tensorboard; mark("import tensorboard")
+from bnexp.cli import app; import bnexp.loop; mark("import bnexp, typer")
+try:
+    app(["train", "device=cpu", "hydra.run.dir=" + sys.argv[1]])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+mark("bnexp train")
+print(json.dumps({"marks": marks, "dynamo": "torch._dynamo" in sys.modules}))
+"""
+
+
+def train_startup(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Where one default `bnexp train` process spends its time, medians over repeats."""
+    parts: dict[str, list[float]] = {}
+    dynamo = set()
+    for i in range(args.repeats):
+        run_dir = tmp / "endtoend" / f"train{i}"
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", STARTUP_PROBE, str(run_dir)],
+                             capture_output=True, text=True, check=True)
+        total = time.perf_counter() - start
+        found = json.loads(out.stdout.strip().splitlines()[-1])
+        dynamo.add(found["dynamo"])
+        marks = found["marks"]
+        metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
+        figures = {"process, whole": total,
+                   "python start-up": total - (marks[-1][1] - marks[0][1])}
+        for (_, before), (what, at) in zip(marks, marks[1:]):
+            figures[what] = at - before
+        run = metrics["wall_seconds"]
+        figures["  of it: checks, composition, Hydra, files"] = figures["bnexp train"] - run
+        figures["  of it: the run's set-up"] = metrics["setup_seconds"]
+        figures["  of it: training"] = metrics["train_seconds"]
+        figures["  of it: evaluation"] = metrics["eval_seconds"]
+        figures["  of it: the rest of the run (finish, probes, files)"] = (
+            run - metrics["setup_seconds"] - metrics["train_seconds"]
+            - metrics["eval_seconds"])
+        for what, seconds in figures.items():
+            parts.setdefault(what, []).append(seconds)
+    return [{"what": f"bnexp train: {what}", "wall s": statistics.median(v),
+             "quartiles": quartile_text(v),
+             "ratio": f"torch._dynamo imported: {sorted(dynamo)}" if what == "process, whole"
+             else "-"} for what, v in parts.items()]
 
 
 # ----------------------------------------------------------------------------- compile, gpu
