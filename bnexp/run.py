@@ -360,8 +360,11 @@ class Run:
         epoch's permutation and position), every RNG, the open log window and the history."""
         import numpy as np
 
+        # Copies: a stacked model's tensors are views into all the stack's models, and
+        # torch.save writes a view's whole storage (K models' weights in every checkpoint).
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return {
-            "model": self.model.state_dict(), "optimizer": state.optimizer,
+            "model": weights, "optimizer": state.optimizer,
             "config": self.config, "config_raw": self.config_raw,
             "config_hash": config_hash(self.cfg), "step": self.step, "epoch": self.epoch,
             "perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos,

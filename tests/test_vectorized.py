@@ -125,6 +125,23 @@ def test_checkpoint_of_a_stacked_model_resumes_as_a_single_run(tmp_path: Path) -
     assert max_difference(final_state(dirs[1]), stacked_final) <= 1e-10
 
 
+def test_a_stacked_models_checkpoint_holds_its_own_weights_only(tmp_path: Path) -> None:
+    """A stacked model's tensors are views into the whole stack: its checkpoint must not
+    carry the other models' weights along (it did: 8 models, 8x the file)."""
+    common = ["trainer.steps=4", "model.width=64"]
+    cfgs = [compose([*common, f"optim.lr={lr}"]) for lr in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3,
+                                                            0.5, 1.0)]
+    dirs = [tmp_path / f"s{i}" for i in range(len(cfgs))]
+    loop.train(cfgs, dirs, kind="stack")
+    loop.train([cfgs[0]], [tmp_path / "alone"], kind="eager")
+    alone = (tmp_path / "alone" / "checkpoints" / "final.pt").stat().st_size
+    for d in dirs:
+        assert (d / "checkpoints" / "final.pt").stat().st_size < 1.2 * alone
+    weights = record.load_checkpoint(dirs[3] / "checkpoints" / "final.pt")["model"]
+    assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size()
+               for v in weights.values())
+
+
 @pytest.mark.parametrize("optim", [["optim.momentum=0.9"], ["optim=adam", "optim.lr=0.003"]],
                          ids=["sgd-momentum", "adam"])
 def test_a_stack_of_one_resumes_from_its_checkpoint_where_it_left_off(
