@@ -154,6 +154,28 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs, batch_s
     return correct / len(y)
 
 
+def accuracy_one_by_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs) -> float:
+    """Eval-mode accuracy with every sample its own batch of one: torch.func.vmap runs the
+    model on each [1, ...] sample in one batched call (100 calls one after the other took
+    8x as long for the MLP: docs/performance.md). A model vmap cannot run falls back to the
+    calls."""
+    from torch.func import functional_call, vmap
+
+    with untouched(model, parameters=False):
+        model.eval()
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+        def one(sample: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, state, (sample[None],))[0]
+
+        try:
+            with torch.no_grad():
+                hits = (vmap(one)(inputs(x)).argmax(1) == y).sum().item()
+        except RuntimeError:
+            return accuracy(model, x, y, inputs, 1, train_mode=False)
+    return hits / len(y)
+
+
 def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
                     batch_size: int, bs1_samples: int = 100) -> tuple[dict, dict]:
     """BN's two behaviours side by side, plus evaluation one sample at a time on the first
@@ -177,7 +199,7 @@ def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
     if n1 == 0:
         notes["val_acc_eval_bs1"] = "skipped: trainer.diagnostics=false"
         return out, notes
-    out["val_acc_eval_bs1"] = accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=False)
+    out["val_acc_eval_bs1"] = accuracy_one_by_one(model, x[:n1], y[:n1], inputs)
     try:
         out["val_acc_train_bs1"] = accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=True)
     except ValueError as exc:

@@ -141,3 +141,26 @@ def test_population_statistics_measure_the_bn_inputs_in_eval_mode() -> None:
     assert found["running_mean_error_bn1"] == pytest.approx(1.0, rel=1e-4)
     assert found["running_var_rel_error_bn1"] == pytest.approx(0.21, rel=1e-4)
     assert "running_mean_error_bn2" in found
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
+def test_eval_at_batch_size_one_vectorized_equals_one_call_per_sample(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vmap over samples, each a batch of one, predicts what 20 separate calls predict."""
+    torch.manual_seed(0)
+    shape = (1, 28, 28) if name != "resnet" else (3, 32, 32)
+    model = build(compose([f"model={name}"]).model, shape, 10)
+    model.train()
+    with torch.no_grad():  # running statistics away from their initial 0 / 1
+        for _ in range(3):
+            model(torch.randn(16, *shape) * 2 + 0.5)
+    x = torch.randn(20, *shape) * 2 + 0.5
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([model(x[i : i + 1]).argmax(1) for i in range(len(x))])
+    wrong = alone.clone()
+    wrong[::2] = (wrong[::2] + 1) % 10  # half of the labels cannot be hit
+    monkeypatch.setattr(probes, "accuracy", None)  # the one-call-per-sample fallback
+    assert probes.accuracy_one_by_one(model, x, alone, lambda t: t) == 1.0
+    assert probes.accuracy_one_by_one(model, x, wrong, lambda t: t) == 0.5
+    assert model.training is False
