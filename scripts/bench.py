@@ -678,10 +678,19 @@ def cli_command(args: list[str], outputs: Path) -> tuple[float, list[dict]]:
 
 
 def training_seconds(summaries: list[dict]) -> float:
-    """The training the summaries' runs did: a stack's train_seconds are every member's, so
-    each member counts for its share."""
-    return sum(s["metrics"]["train_seconds"] / s["env"].get("vectorized_models", 1)
-               for s in summaries)
+    """The training the summaries' runs did. A stack trains its members together for as long
+    as its longest-training member (a diverged member's train_seconds stop at its divergence),
+    and a stack's members share a group key (bnexp.steps.groups)."""
+    from omegaconf import OmegaConf
+
+    from bnexp.steps import group_key
+
+    stacks: dict[str, float] = {}
+    for i, s in enumerate(summaries):
+        key = (group_key(OmegaConf.create(s["config"]))
+               if s["env"].get("vectorized_models", 1) > 1 else f"alone {i}")
+        stacks[key] = max(stacks.get(key, 0.0), s["metrics"]["train_seconds"])
+    return sum(stacks.values())
 
 
 def own_seconds(summaries: list[dict]) -> float:
@@ -785,14 +794,14 @@ def train_startup(args: argparse.Namespace, tmp: Path) -> list[dict]:
         run_dir = tmp / "endtoend" / f"train{i}"
         start = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", STARTUP_PROBE, str(run_dir)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, cwd=tmp)
         total = time.perf_counter() - start
         found = json.loads(out.stdout.strip().splitlines()[-1])
         dynamo.add(found["dynamo"])
         marks = found["marks"]
         metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
         figures = {"process, whole": total,
-                   "python start-up": total - (marks[-1][1] - marks[0][1])}
+                   "python start-up and exit": total - (marks[-1][1] - marks[0][1])}
         for (_, before), (what, at) in zip(marks, marks[1:]):
             figures[what] = at - before
         run = metrics["wall_seconds"]

@@ -216,6 +216,15 @@ def test_every_job_config_is_what_hydra_composes(overrides: list[str],
                          (ours.optim, reference.optim)):
                 assert OmegaConf.is_struct(a) == OmegaConf.is_struct(b)
                 assert OmegaConf.is_readonly(a) == OmegaConf.is_readonly(b)
+            # Planning's copy, without Hydra's node: the same values, and struct like Hydra's.
+            task = fast.load_task_config(config, overrides)
+            expected = OmegaConf.to_container(reference)
+            del expected["hydra"]
+            assert OmegaConf.to_container(task) == expected
+            without = OmegaConf.masked_copy(reference, [k for k in reference if k != "hydra"])
+            assert OmegaConf.to_container(task, resolve=True) == OmegaConf.to_container(
+                without, resolve=True)
+            assert OmegaConf.is_struct(task) == OmegaConf.is_struct(reference)
         plain = [o for o in overrides if o.split("=")[0] in ("optim.lr", "seed", "model.width",
                                                             "optim.beta1", "trainer.steps")]
         if plain == overrides:  # only plain values: one composition for both calls

@@ -151,11 +151,8 @@ class BnexpSweeper(Sweeper):
             job["status"] = "pending"
 
     def _task_config(self, overrides: list[str]) -> DictConfig:
-        """A job's task config, as Hydra composes it (through ComposeOnce)."""
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
+        """A job's task config (its values as Hydra composes them: see ComposeOnce)."""
+        return self.hydra_context.config_loader.load_task_config(self.config, overrides)
 
     def sweep(self, arguments: list[str]) -> Any:
         from bnexp import interrupt, sweep

@@ -18,7 +18,7 @@ from typing import Any
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 # Hydra settings a sweep sets per job that do not change what is composed.
 PLAIN_HYDRA_KEYS = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir")
@@ -43,20 +43,29 @@ class ComposeOnce:
             return o.key_or_group in PLAIN_HYDRA_KEYS
         return not self.loader.repository.group_exists(o.key_or_group.replace(".", "/"))
 
+    def _base(self, master_config: DictConfig, ours: list) -> tuple | None:
+        """(the composition for the overrides' group choices, their plain overrides), or None
+        when Hydra must compose these overrides itself."""
+        choices = [o for o in ours if o.type == OverrideType.CHANGE and not self._plain(o)]
+        plain = [o for o in ours if self._plain(o)]
+        if len(choices) + len(plain) < len(ours) or any(
+                o.is_hydra_override() for o in choices):
+            return None
+        key = tuple(o.input_line for o in choices)
+        if key not in self.bases:
+            self.bases[key] = self.loader.load_sweep_config(master_config, list(key))
+        return self.bases[key], plain
+
     def load_sweep_config(self, master_config: DictConfig,
                           sweep_overrides: list[str]) -> DictConfig:
         parser = OverridesParser.create(config_loader=self.loader)
         master = list(OmegaConf.to_container(master_config.hydra.overrides.hydra))
         ours = parser.parse_overrides(list(sweep_overrides))
-        choices = [o for o in ours if o.type == OverrideType.CHANGE and not self._plain(o)]
-        plain = [o for o in ours if self._plain(o)]
-        if len(choices) + len(plain) < len(ours) or any(
-                o.is_hydra_override() for o in choices):
+        found = self._base(master_config, ours)
+        if found is None:
             return self.loader.load_sweep_config(master_config, list(sweep_overrides))
-        key = tuple(o.input_line for o in choices)
-        if key not in self.bases:
-            self.bases[key] = self.loader.load_sweep_config(master_config, list(key))
-        cfg = copy.deepcopy(self.bases[key])
+        base, plain = found
+        cfg = copy.deepcopy(base)
         ConfigLoaderImpl._apply_overrides_to_config(plain, cfg)
         everything = parser.parse_overrides(master) + ours
         app = [o for o in everything if not o.is_hydra_override()]
@@ -67,4 +76,22 @@ class ComposeOnce:
             overrides=app, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep,
             exclude_keys=dirname.exclude_keys)
         OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
+        return cfg
+
+    def load_task_config(self, master_config: DictConfig,
+                         sweep_overrides: list[str]) -> DictConfig:
+        """The job's config without Hydra's node, for planning: its values are those of
+        load_sweep_config's, and Hydra's node (two thirds of the copying) is not copied."""
+        parser = OverridesParser.create(config_loader=self.loader)
+        found = self._base(master_config, parser.parse_overrides(list(sweep_overrides)))
+        if found is None:
+            cfg = self.load_sweep_config(master_config, list(sweep_overrides))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            return cfg
+        base, plain = found
+        cfg = OmegaConf.masked_copy(base, [k for k in base if k != "hydra"])
+        OmegaConf.set_struct(cfg, OmegaConf.is_struct(base))
+        ConfigLoaderImpl._apply_overrides_to_config(
+            [o for o in plain if not o.is_hydra_override()], cfg)
         return cfg
