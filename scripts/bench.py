@@ -709,7 +709,7 @@ def quartile_text(values: list[float]) -> str:
 def bench_endtoend(args: argparse.Namespace, tmp: Path) -> list[dict]:
     """Whole CLI commands, as the user runs them (issue 17): the figures that a user's
     stopwatch sees, start-up, composition, files and all."""
-    count, seeds, epochs = (2, "0,1", 1) if args.quick else (16, "0,1", 5)
+    count, seeds, epochs = (3, "0,1", 1) if args.quick else (16, "0,1", 5)
     small = 2 if args.quick else 4
     folder = iter(range(10**6))
 

@@ -59,3 +59,29 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
         assert startup[command]["imports torch"] == "False", command
     assert startup["run set-up on mnist5k (imports excluded)"]["seconds"] > 0
     assert "GPU" in result.stdout
+
+
+def test_bench_endtoend_times_the_real_commands(isolated: Path) -> None:
+    """The end-to-end section runs the CLI as subprocesses (sweeps with and without
+    --vectorize, a study, one `bnexp train`) and its figures add up."""
+    out = isolated / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "endtoend",
+         "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "### endtoend" in result.stdout
+    rows = {r["what"]: r for r in json.loads(out.read_text())["endtoend"]}
+    sequential = rows["sweep, 6 jobs, sequential"]["wall s"]
+    vectorized = rows["sweep, 6 jobs, --vectorize"]
+    assert sequential > 0 and vectorized["wall s"] > 0
+    assert math.isclose(vectorized["ratio"], sequential / vectorized["wall s"])  # one pair
+    study = next(r for w, r in rows.items() if w.startswith("bnexp reproduce lr_stability"))
+    assert "(16 runs)" in [w for w in rows if w.startswith("bnexp reproduce")][0]
+    assert study["ratio"] > 1  # a study's wall holds its training and more
+    whole = rows["bnexp train: process, whole"]
+    assert whole["ratio"] == "torch._dynamo imported: [False]"
+    parts = [r["wall s"] for w, r in rows.items() if w.startswith("bnexp train:")
+             and w != "bnexp train: process, whole" and "of it" not in w]
+    assert math.isclose(sum(parts), whole["wall s"], rel_tol=1e-9)
+    inside = sum(r["wall s"] for w, r in rows.items() if "of it" in w)
+    assert math.isclose(inside, rows["bnexp train: bnexp train"]["wall s"], rel_tol=1e-9)
