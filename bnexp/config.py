@@ -290,8 +290,9 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Check the override strings' grammar, group options and keys before Hydra sees them."""
+def check_overrides(overrides: Sequence[str], keys: bool = True) -> None:
+    """Check the override strings' grammar, group options and (keys=True) keys before Hydra
+    sees them; the key check composes the config's groups once."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -323,6 +324,8 @@ def check_overrides(overrides: Sequence[str]) -> None:
                     )
             if not ov.is_sweep_override():
                 choices[key] = str(ov.value())
+    if not keys:
+        return
     if not any(ov.key_or_group not in GROUPS and not ov.key_or_group.startswith("hydra")
                for ov in parsed):
         return
@@ -374,21 +377,32 @@ def compose(overrides: Sequence[str] = (), check: bool = True) -> DictConfig:
 
     register()
     overrides = [o for o in overrides if not o.startswith("hydra.") and not o.startswith("-")]
-    if check:
-        check_overrides(overrides)
+    if check:  # grammar and group options; keys only when they matter (below)
+        check_overrides(overrides, keys=False)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
             cfg = hydra_compose("config", overrides=list(overrides))
     except HydraException as exc:
+        GlobalHydra.instance().clear()
+        if check:  # an unknown key: say so in bnexp's words, with the keys that exist
+            check_overrides(overrides)
         raise _omegaconf_error(exc) or ConfigError(" ".join(str(exc).split())) from None
     except Exception as exc:
+        GlobalHydra.instance().clear()
+        if check:
+            check_overrides(overrides)
         translated = _omegaconf_error(exc)
         if translated is None:
             raise
         raise translated from None
     finally:
         GlobalHydra.instance().clear()
+    if check and any(o.startswith("+") for o in overrides):
+        # Hydra accepts '+key' for any key; one that nothing reads is refused. (Composing
+        # the groups for this check costs as much as the composition itself, so it runs
+        # only here.)
+        check_overrides(overrides)
     if check:
         try:
             validate(cfg)
