@@ -35,10 +35,11 @@ class Layout:
     def size(self) -> int:
         return self.offsets[-1]
 
-    def row(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One model's parameters (or gradients) as one row."""
+    def row(self, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        """One model's parameters (or gradients) as one row (written into out if given)."""
         return torch.cat([(t.permute(0, 2, 3, 1) if last else t).reshape(-1)
-                          for t, last in zip(tensors, self.channels_last)])
+                          for t, last in zip(tensors, self.channels_last)], out=out)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The K-stacked parameter tensors inside the rows of flat (K x N)."""

@@ -217,7 +217,7 @@ class Eager:
         self.run, self.k = run, 1
         model = run.model
         self.params = list(model.parameters())
-        self.layout = Layout(model)
+        self.layout = Layout(model, run.channels_last)
         with torch.no_grad():
             self.flat = self.layout.row(self.params)[None]
         self.layout.bind([model], self.flat)
@@ -253,8 +253,8 @@ class Eager:
                 p.grad = None
             loss.backward()
             with torch.no_grad():
-                torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                           for p in self.params], out=self.grad[0])
+                self.layout.row([p.grad if p.grad is not None else torch.zeros_like(p)
+                                 for p in self.params], out=self.grad[0])
                 # The gradient norm, written in place on the device; read per log window.
                 torch.linalg.vector_norm(self.grad[0], out=self.grad_norms[self.step, 0])
                 self.optimizer.update(self.grad, self.lr_column[self.step], self.step_on_device)

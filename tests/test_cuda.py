@@ -20,6 +20,7 @@ import torch
 
 from bnexp import loop, record, runs, steps
 from bnexp.config import compose
+from bnexp.optim import Layout, Optimizer
 
 pytestmark = pytest.mark.gpu
 
@@ -68,7 +69,7 @@ def test_a_full_run_on_the_gpu_learns_like_the_cpu_run(tmp_path: Path, model: st
 
 def test_the_same_steps_on_the_gpu_and_the_cpu_agree_in_float64() -> None:
     """One model, the same batches on both devices (indices drawn once on the CPU): the
-    training step (loss_and_hits, backward, the fused SGD, BN) agrees to float64 rounding."""
+    training step (loss_and_hits, backward, bnexp.optim's SGD, BN) agrees to float64 rounding."""
     from bnexp import data, models
 
     cfg = compose([*F64, "optim.momentum=0.9", "optim.weight_decay=0.0005"])
@@ -83,13 +84,21 @@ def test_the_same_steps_on_the_gpu_and_the_cpu_agree_in_float64() -> None:
         device = torch.device(name)
         model = models.build(cfg.model, ds.in_shape, ds.num_classes).double().to(device)
         model.load_state_dict(base.state_dict())
-        opt = steps.build_optimizer(cfg.optim, model, 0.1)
+        params = list(model.parameters())
+        layout = Layout(model)
+        with torch.no_grad():
+            flat = layout.row(params)[None]
+        layout.bind([model], flat)
+        opt = Optimizer(flat, [cfg.optim], layout)
+        lr = torch.full((1, 1), 0.1, dtype=flat.dtype, device=device)
         x, y = x_all.to(device), ds.y_train.to(device)
-        for idx in batches.to(device):
+        for step, idx in enumerate(batches.to(device)):
             loss, _ = steps.loss_and_hits(model, x[idx], y[idx], False)
-            opt.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             loss.backward()
-            opt.step()
+            opt.update(layout.row([p.grad for p in params])[None], lr,
+                       torch.tensor(step, device=device))
         states[name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     diff = max_difference(states["cpu"], states["cuda"])
     report("30 SGD steps, float64, GPU vs CPU, max weight/BN difference", diff)
