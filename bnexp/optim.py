@@ -35,11 +35,17 @@ class Layout:
     def size(self) -> int:
         return self.offsets[-1]
 
-    def row(self, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None
-            ) -> torch.Tensor:
-        """One model's parameters (or gradients) as one row (written into out if given)."""
-        return torch.cat([(t.permute(0, 2, 3, 1) if last else t).reshape(-1)
-                          for t, last in zip(tensors, self.channels_last)], out=out)
+    def rows(self, stacked: Sequence[torch.Tensor], out: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """K models' parameters (or gradients), each tensor with a leading model dimension,
+        as the K rows of one matrix (written into out if given): the inverse of views."""
+        k = stacked[0].shape[0]
+        return torch.cat([(t.permute(0, 1, 3, 4, 2) if last else t).reshape(k, -1)
+                          for t, last in zip(stacked, self.channels_last)], dim=1, out=out)
+
+    def row(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One model's parameters (or gradients) as one row, 1 x N."""
+        return self.rows([t[None] for t in tensors])
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The K-stacked parameter tensors inside the rows of flat (K x N)."""

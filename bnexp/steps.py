@@ -219,7 +219,7 @@ class Eager:
         self.params = list(model.parameters())
         self.layout = Layout(model, run.channels_last)
         with torch.no_grad():
-            self.flat = self.layout.row(self.params)[None]
+            self.flat = self.layout.row(self.params)
         self.layout.bind([model], self.flat)
         self.grad = torch.zeros_like(self.flat)
         self.lrs = lr_table(run.cfg, run.total_steps)
@@ -253,8 +253,8 @@ class Eager:
                 p.grad = None
             loss.backward()
             with torch.no_grad():
-                self.layout.row([p.grad if p.grad is not None else torch.zeros_like(p)
-                                 for p in self.params], out=self.grad[0])
+                self.layout.rows([(p.grad if p.grad is not None else torch.zeros_like(p))[None]
+                                  for p in self.params], out=self.grad)
                 # The gradient norm, written in place on the device; read per log window.
                 torch.linalg.vector_norm(self.grad[0], out=self.grad_norms[self.step, 0])
                 self.optimizer.update(self.grad, self.lr_column[self.step], self.step_on_device)
@@ -297,8 +297,8 @@ class Stack:
         # every model in a few passes over one tensor, not per parameter and per model.
         self.layout = Layout(models[0], r0.channels_last)
         with torch.no_grad():
-            self.flat = torch.stack([self.layout.row(list(m.parameters())) for m in models]
-                                    ).requires_grad_()
+            self.flat = torch.cat([self.layout.row(list(m.parameters())) for m in models]
+                                  ).requires_grad_()
             self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models])
                             for n in self.buffer_names}
         self.layout.bind(models, self.flat)  # each model now reads and writes its slice
@@ -448,9 +448,7 @@ class Stack:
         # flat tensor's own gradient would make autograd zero-fill a K x N tensor per parameter.
         grads = torch.autograd.grad(losses.sum(), list(params.values()))
         with torch.no_grad():
-            grad = torch.cat([(g.permute(0, 1, 3, 4, 2) if last else g).reshape(self.k, -1)
-                              for g, last in zip(grads, self.layout.channels_last)], dim=1,
-                             out=self.grad)
+            grad = self.layout.rows(grads, out=self.grad)
             norms = torch.linalg.vector_norm(grad, dim=1)
             lr = self.lrs.index_select(0, self.step_on_device)[0]
             self.optimizer.update(grad, (lr * self.active)[:, None], self.step_on_device[0])

@@ -87,7 +87,7 @@ def test_the_same_steps_on_the_gpu_and_the_cpu_agree_in_float64() -> None:
         params = list(model.parameters())
         layout = Layout(model)
         with torch.no_grad():
-            flat = layout.row(params)[None]
+            flat = layout.row(params)
         layout.bind([model], flat)
         opt = Optimizer(flat, [cfg.optim], layout)
         lr = torch.full((1, 1), 0.1, dtype=flat.dtype, device=device)
@@ -97,7 +97,7 @@ def test_the_same_steps_on_the_gpu_and_the_cpu_agree_in_float64() -> None:
             for p in params:
                 p.grad = None
             loss.backward()
-            opt.update(layout.row([p.grad for p in params])[None], lr,
+            opt.update(layout.row([p.grad for p in params]), lr,
                        torch.tensor(step, device=device))
         states[name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     diff = max_difference(states["cpu"], states["cuda"])

@@ -55,13 +55,13 @@ class Flat:
         self.model, self.params = model, list(model.parameters())
         self.layout = Layout(model)
         with torch.no_grad():
-            self.flat = self.layout.row(self.params)[None]
+            self.flat = self.layout.row(self.params)
         self.layout.bind([model], self.flat)
         self.optimizer = Optimizer(self.flat, [o], self.layout)
         self.step = 0
 
     def update(self, lr: float) -> None:
-        g = self.layout.row([p.grad for p in self.params])[None]
+        g = self.layout.row([p.grad for p in self.params])
         self.optimizer.update(g, torch.tensor([[lr]], dtype=g.dtype), torch.tensor(self.step))
         self.step += 1
 
