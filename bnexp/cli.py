@@ -71,16 +71,18 @@ def _error(message: str) -> None:
 
 
 def register_plugins() -> None:
-    """Our sweeper and launcher, registered with Hydra by hand: an editable install's import
+    """Our sweeper and launchers, registered with Hydra by hand: an editable install's import
     hook hides them from Hydra's scan of the hydra_plugins namespace. The CLI does it, the
     one module above both: the plugins import bnexp, and nothing else in bnexp imports them."""
     from hydra.core.plugins import Plugins
 
     from hydra_plugins.bnexp_sweeper.bnexp_sweeper import BnexpSweeper
     from hydra_plugins.bnexp_sweeper.bnexp_vectorized_launcher import VectorizedLauncher
+    from hydra_plugins.bnexp_sweeper.jobs import SequentialLauncher
 
     Plugins.instance().register(BnexpSweeper)
     Plugins.instance().register(VectorizedLauncher)
+    Plugins.instance().register(SequentialLauncher)
 
 
 def _hydra(argv: list[str], task: Task | None = None) -> int:
@@ -389,6 +391,8 @@ def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
         threads = max(1, (os.cpu_count() or 1) // jobs)  # 2 jobs x 1 thread on 2 cores
         argv += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}",
                  f"trainer.threads={threads}"]
+    elif not vectorize and not any(o.startswith("hydra/launcher=") for o in overrides):
+        argv.append("hydra/launcher=bnexp_basic")  # Hydra's basic launcher, leaner per job
     os.environ["BNEXP_SWEEP_COMMAND"] = "bnexp " + " ".join(sys.argv[1:])
     return _hydra(argv), sweep_dir
 

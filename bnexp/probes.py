@@ -154,15 +154,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs, batch_s
     return correct / len(y)
 
 
-def accuracy_one_by_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs) -> float:
-    """Eval-mode accuracy with every sample its own batch of one: torch.func.vmap runs the
-    model on each [1, ...] sample in one batched call (100 calls one after the other took
-    8x as long for the MLP: docs/performance.md). A model vmap cannot run falls back to the
-    calls."""
+def accuracy_one_by_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
+                        train_mode: bool = False) -> float:
+    """Accuracy with every sample its own batch of one: torch.func.vmap runs the model on each
+    [1, ...] sample in one batched call (100 calls one after the other took 8x as long for
+    the MLP: docs/performance.md). A model vmap cannot run falls back to the calls."""
     from torch.func import functional_call, vmap
 
     with untouched(model, parameters=False):
-        model.eval()
+        model.train(train_mode)
         state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
         def one(sample: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ def accuracy_one_by_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inpu
             with torch.no_grad():
                 hits = (vmap(one)(inputs(x)).argmax(1) == y).sum().item()
         except RuntimeError:
-            return accuracy(model, x, y, inputs, 1, train_mode=False)
+            return accuracy(model, x, y, inputs, 1, train_mode=train_mode)
     return hits / len(y)
 
 
@@ -201,7 +201,11 @@ def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
         return out, notes
     out["val_acc_eval_bs1"] = accuracy_one_by_one(model, x[:n1], y[:n1], inputs)
     try:
-        out["val_acc_train_bs1"] = accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=True)
+        # Without BN a batch of one in train mode is batched like eval mode's; BN's buffers
+        # update in place, which vmap refuses, so BN models take the calls one by one.
+        out["val_acc_train_bs1"] = (
+            accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=True) if has_bn
+            else accuracy_one_by_one(model, x[:n1], y[:n1], inputs, train_mode=True))
     except ValueError as exc:
         notes["val_acc_train_bs1"] = (
             "not measurable: BatchNorm in train mode normalizes each feature over the batch, "

@@ -9,6 +9,7 @@ hands them over.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
@@ -180,7 +181,8 @@ class Run:
         # A plain dataclass: DictConfig attribute reads cost ~50 us each, many per step.
         self.cfg, self.trainer, self.run_dir = cfg, OmegaConf.to_object(cfg.trainer), run_dir
         self.config_raw = resolved(cfg)
-        config = resolved(cfg)
+        self.config_hash = config_hash(self.config_raw)
+        config = copy.deepcopy(self.config_raw)
         # Record the values that ran, not the "auto" placeholders.
         config["model"]["affine"] = models.Knobs.from_config(cfg.model).affine
         self.target = cfg.trainer.target_acc or catalog.DATASETS[cfg.data.name].target_acc
@@ -197,7 +199,7 @@ class Run:
         self.model = model
         record.discard_partial_writes(run_dir)
         record.write_summary(run_dir, "running", config, {}, self.env,
-                             config_hash=config_hash(cfg))
+                             config_hash=self.config_hash)
 
         self.inputs = data.Inputs(ds, cfg.data.inputs, next(model.parameters()).dtype)
         self.augment = bool(cfg.data.augment)
@@ -366,7 +368,7 @@ class Run:
         return {
             "model": weights, "optimizer": state.optimizer,
             "config": self.config, "config_raw": self.config_raw,
-            "config_hash": config_hash(self.cfg), "step": self.step, "epoch": self.epoch,
+            "config_hash": self.config_hash, "step": self.step, "epoch": self.epoch,
             "perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos,
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
@@ -428,7 +430,7 @@ class Run:
         extra = {"error": error} if error else {}
         if notes:
             extra["notes"] = notes
-        extra["config_hash"] = config_hash(cfg)
+        extra["config_hash"] = self.config_hash
         # The curves a verdict compares across runs (steps to a level both variants reach,
         # area under the accuracy curve), so that every number of a report traces here.
         h = self.history

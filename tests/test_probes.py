@@ -164,3 +164,23 @@ def test_eval_at_batch_size_one_vectorized_equals_one_call_per_sample(
     assert probes.accuracy_one_by_one(model, x, alone, lambda t: t) == 1.0
     assert probes.accuracy_one_by_one(model, x, wrong, lambda t: t) == 0.5
     assert model.training is False
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_train_mode_at_batch_size_one_without_bn_is_batched_alike(name: str) -> None:
+    """Without BN, train mode at batch size one goes through vmap too: the same accuracy as
+    one train-mode call per sample, the model's mode and weights untouched."""
+    torch.manual_seed(1)
+    model = build(compose([f"model={name}", "model.norm=none"]).model, (1, 28, 28), 10)
+    x, y = torch.randn(30, 1, 28, 28), torch.randint(0, 10, (30,))
+    with torch.no_grad():
+        y[:12] = model(x[:12]).argmax(1)  # a known share of hits, not chance alone
+    before = [p.clone() for p in model.parameters()]
+    model.eval()
+    looped = probes.accuracy(model, x, y, lambda t: t, 1, train_mode=True)
+    assert looped >= 0.4
+    assert probes.accuracy_one_by_one(model, x, y, lambda t: t, train_mode=True) == looped
+    assert model.training is False
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    modes, _ = probes.mode_comparison(model, x, y, lambda t: t, 8, bs1_samples=30)
+    assert modes["val_acc_train_bs1"] == looped

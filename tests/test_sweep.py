@@ -232,6 +232,72 @@ def test_every_job_config_is_what_hydra_composes(overrides: list[str],
     GlobalHydra.instance().clear()
 
 
+@pytest.mark.parametrize("overrides", [
+    ["optim.lr=0.3", "seed=2"],
+    ["model=cnn", "+hydra.job.env_set.BNEXP_PROBE=yes", "hydra.job.chdir=true"],
+])
+def test_a_job_runs_as_under_hydras_run_job(tmp_path: Path, overrides: list[str]) -> None:
+    """jobs.run_job (one copy of the config instead of four, libyaml) against Hydra's own
+    run_job on the same composed job: the same .hydra files byte for byte, the same task
+    config (values, type, flags), HydraConfig as the task sees it, env_set, chdir, the same
+    JobReturn, and HydraConfig and the working directory restored afterwards."""
+    import copy
+    import os
+
+    from hydra import initialize_config_dir
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import run_job as hydras_run_job
+    from hydra.types import HydraContext, RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from bnexp.config import config_dir, register
+    from hydra_plugins.bnexp_sweeper import jobs
+
+    def task(cfg):
+        hc = HydraConfig.get()
+        return {"values": OmegaConf.to_container(cfg), "type": OmegaConf.get_type(cfg),
+                "struct": OmegaConf.is_struct(cfg), "readonly": OmegaConf.is_readonly(cfg),
+                "hydra": OmegaConf.to_container(hc), "output_dir": hc.runtime.output_dir,
+                "cwd": os.getcwd(), "env": os.environ.get("BNEXP_PROBE")}
+
+    register()
+    GlobalHydra.instance().clear()
+    cwd = os.getcwd()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "config", [f"hydra.sweep.dir={tmp_path}"], RunMode.MULTIRUN)
+        context = HydraContext(config_loader=loader, callbacks=Callbacks(master))
+        job = loader.load_sweep_config(master, [*overrides, "hydra.sweep.subdir=job"])
+        with open_dict(job):
+            job.hydra.job.id = job.hydra.job.num = 3
+        before = HydraConfig.instance().cfg
+        results, files = [], []
+        for run in (hydras_run_job, jobs.run_job):
+            ret = run(task_function=task, config=copy.deepcopy(job), hydra_context=context,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            assert HydraConfig.instance().cfg is before and os.getcwd() == cwd
+            hydra_dir = tmp_path / "job" / ".hydra"
+            files.append({p.name: p.read_bytes() for p in hydra_dir.iterdir()})
+            for p in hydra_dir.iterdir():
+                p.unlink()
+            results.append((ret.return_value, OmegaConf.to_container(ret.cfg),
+                            OmegaConf.to_container(ret.hydra_cfg), ret.overrides,
+                            ret.working_dir, ret.status, ret.task_name))
+    GlobalHydra.instance().clear()
+    assert sorted(files[0]) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert files[1] == files[0]
+    assert results[1] == results[0]
+    seen = results[0][0]
+    assert seen["output_dir"] == str(tmp_path / "job") and seen["values"]["seed"] == job.seed
+    assert "hydra" not in seen["values"] and seen["struct"]
+    assert (seen["cwd"] == str(tmp_path / "job")) == ("hydra.job.chdir=true" in overrides)
+    assert (seen["env"] == "yes") == ("+hydra.job.env_set.BNEXP_PROBE=yes" in overrides)
+    assert jobs.to_yaml(job) == OmegaConf.to_yaml(job)
+
+
 def test_a_rerun_with_another_config_never_deletes_results(isolated: Path) -> None:
     """Same --name, same job names, another optim.lr: the sweep stops before running anything
     and names what differs; --move-aside moves the old runs beside the sweep, intact."""

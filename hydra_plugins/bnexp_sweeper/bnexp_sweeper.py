@@ -106,8 +106,8 @@ class BnexpSweeper(Sweeper):
         from bnexp.config import ConfigError
         from bnexp.data import DataError
 
-        local = type(self.launcher).__name__ in ("BasicLauncher", "JoblibLauncher",
-                                                 "VectorizedLauncher")
+        local = type(self.launcher).__name__ in ("BasicLauncher", "SequentialLauncher",
+                                                 "JoblibLauncher", "VectorizedLauncher")
         key = OmegaConf.to_yaml({"data": cfg.data, "batch": cfg.trainer.batch_size,
                                  "compile": cfg.trainer.compile,
                                  "device": cfg.device if local else None})
@@ -186,8 +186,8 @@ class BnexpSweeper(Sweeper):
                 "status": job["status"] if job["status"] in sweep.FINISHED else "queued"}
         sweep.write_json_atomic(sweep_dir / sweep.MANIFEST, manifest)
 
-        size = self.max_batch_size or (1 if type(self.launcher).__name__ == "BasicLauncher"
-                                       else len(todo))
+        one_by_one = type(self.launcher).__name__ in ("BasicLauncher", "SequentialLauncher")
+        size = self.max_batch_size or (1 if one_by_one else len(todo))
         returns, done = [], len(plan) - len(todo)
         for start in range(0, len(todo), max(size, 1)):
             if interrupt.requested():  # recorded while planning or by the last batch

@@ -18,9 +18,11 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
+from hydra.core.utils import JobReturn, configure_log, setup_globals
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
+
+from hydra_plugins.bnexp_sweeper.jobs import job_config, run_job
 
 log = logging.getLogger("bnexp")
 
@@ -53,16 +55,8 @@ class VectorizedLauncher(Launcher):
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
-    def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(cfg):
-            cfg.hydra.job.id = idx
-            cfg.hydra.job.num = idx
-        return cfg
-
     def _run_job(self, cfg: DictConfig, task: Any) -> JobReturn:
-        ret = run_job(hydra_context=self.hydra_context, task_function=task, config=cfg,
-                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        ret = run_job(task, cfg, self.hydra_context)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
@@ -73,7 +67,7 @@ class VectorizedLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        configs = [self._job_config(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        configs = [job_config(self, o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
         tasks = []
         for cfg in configs:
             task = cfg.copy()
