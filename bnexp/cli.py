@@ -79,10 +79,10 @@ def register_plugins() -> None:
     from hydra_plugins.bnexp_sweeper.bnexp_sweeper import BnexpSweeper
     from hydra_plugins.bnexp_sweeper.bnexp_vectorized_launcher import VectorizedLauncher
     from hydra_plugins.bnexp_sweeper.jobs import SequentialLauncher
+    from hydra_plugins.bnexp_sweeper.slurm import SlurmLauncher
 
-    Plugins.instance().register(BnexpSweeper)
-    Plugins.instance().register(VectorizedLauncher)
-    Plugins.instance().register(SequentialLauncher)
+    for plugin in (BnexpSweeper, VectorizedLauncher, SequentialLauncher, SlurmLauncher):
+        Plugins.instance().register(plugin)
 
 
 def _hydra(argv: list[str], task: Task | None = None) -> int:
@@ -105,7 +105,9 @@ def _hydra(argv: list[str], task: Task | None = None) -> int:
         pass  # before any task began: nothing was written
     except SystemExit as exc:  # Hydra reports its own errors, then exits; 130/143: interrupted
         if not interrupt.requested():
-            return exc.code if exc.code in (130, 143) else EXIT_BAD_INPUT if exc.code else 0
+            # 130/143 signals, 4 the cluster (sweep.EXIT_CLUSTER); any other is Hydra's
+            # report of bad input.
+            return exc.code if exc.code in (130, 143, 4) else EXIT_BAD_INPUT if exc.code else 0
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()
@@ -405,7 +407,10 @@ def _sweep_summary(sweep_dir: Path) -> int:
                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     typer.echo(f"outputs:     {sweep_dir}")
     typer.echo(f"compare:     bnexp compare {sweep_dir}")
-    return sweeps.EXIT_SOME_FAILED if counts.get("failed") else 0
+    if counts.get("interrupted"):  # stopped from outside (a cancelled SLURM job, a kill)
+        typer.echo(f"resume:      {counts['interrupted']} interrupted job(s) continue from their "
+                   "checkpoints when the same command runs again")
+    return sweeps.EXIT_SOME_FAILED if counts.get("failed") or counts.get("interrupted") else 0
 
 
 def study_name(experiment: str, overrides: list[str]) -> str:

@@ -59,6 +59,29 @@ def _busy_cores(window: float = 0.05) -> float:
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
 
 
+def usable_cores() -> int:
+    """The CPUs this process may use: SLURM's allocation (SLURM_CPUS_PER_TASK), else the
+    process's CPU affinity (taskset, cgroups' cpusets), else every CPU of the machine."""
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if allocated.isdigit() and int(allocated) > 0:
+        return int(allocated)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform (macOS)
+        return os.cpu_count() or 1
+
+
+def slurm_environment() -> dict | None:
+    """The SLURM job this process runs in (job id, array index, node), or None outside one."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    get = os.environ.get
+    return {"job_id": get("SLURM_JOB_ID"), "array_job_id": get("SLURM_ARRAY_JOB_ID"),
+            "array_task_id": get("SLURM_ARRAY_TASK_ID"), "node": get("SLURMD_NODENAME"),
+            "partition": get("SLURM_JOB_PARTITION"), "cpus_per_task": get("SLURM_CPUS_PER_TASK"),
+            "restart_count": get("SLURM_RESTART_COUNT", "0")}
+
+
 def choose_threads(setting: str, model_name: str, models: int = 1) -> int:
     """The CPU thread count for a run.
 
@@ -70,9 +93,11 @@ def choose_threads(setting: str, model_name: str, models: int = 1) -> int:
     """
     if setting != "auto":
         return int(setting)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if (model_name == "mlp" and models == 1) or cores == 1:
         return 1
+    if cores < (os.cpu_count() or 1):
+        return cores  # an allocation (SLURM, taskset) is this run's own: use all of it
     return max(1, min(cores, round(cores - _busy_cores())))
 
 
@@ -152,6 +177,8 @@ def environment(device: torch.device, threads: int) -> dict:
         "device_name": name,
         "threads": threads,
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "slurm": slurm_environment(),
         "platform": platform.platform(),
         "git_commit": git_commit(),
     }

@@ -196,6 +196,7 @@ def move_aside(sweep_dir: Path, names: Sequence[str]) -> Path:
 
 
 CLAIMS = ".claims"
+EXIT_CLUSTER = 4  # the cluster refused the sweep or could not be reached
 
 
 def claim(sweep_dir: Path, name: str) -> bool:
@@ -237,9 +238,31 @@ def _started(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def hand_over(sweep_dir: Path, name: str, slurm_job: str) -> None:
+    """The job's claim passes to its SLURM job: held while SLURM has the job, whatever
+    becomes of this process (a rerun meanwhile skips it rather than training it twice)."""
+    path = sweep_dir / CLAIMS / f"{name}.claim"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"slurm {slurm_job}\n")
+    os.replace(tmp, path)
+
+
+def claim_holder(sweep_dir: Path, name: str) -> str | None:
+    """What holds the job's claim ('slurm <id>' or '<host> <pid> ...'), or None."""
+    try:
+        return (sweep_dir / CLAIMS / f"{name}.claim").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _held_by_live_process(path: Path) -> bool:
     try:
-        host, pid, *started = path.read_text().split()
+        text = path.read_text()
+        if text.startswith("slurm "):
+            from bnexp.cluster import alive
+
+            return alive(text.split()[1])
+        host, pid, *started = text.split()
         pid_number = int(pid)
     except (OSError, ValueError):
         try:  # empty or garbled: a writer that died, unless it is being written this moment
@@ -265,7 +288,10 @@ def _held_by_live_process(path: Path) -> bool:
         return False
 
 
-def release(sweep_dir: Path, name: str) -> None:
+def release(sweep_dir: Path, name: str, keep_slurm: bool = False) -> None:
+    """Drop the job's claim; keep_slurm: not if a SLURM job holds it (it may still run)."""
+    if keep_slurm and (claim_holder(sweep_dir, name) or "").startswith("slurm "):
+        return
     (sweep_dir / CLAIMS / f"{name}.claim").unlink(missing_ok=True)
 
 

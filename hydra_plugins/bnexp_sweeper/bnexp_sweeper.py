@@ -199,8 +199,10 @@ class BnexpSweeper(Sweeper):
                 # after the job's summary is written.
                 if not sweep.claim(sweep_dir, job["name"]):
                     done += 1
-                    log.info("[%d/%d] %s: running in another process, skipped", done,
-                             len(plan), job["name"])
+                    holder = sweep.claim_holder(sweep_dir, job["name"]) or ""
+                    where = (f"SLURM job {holder.split()[1]} has it" if holder.startswith(
+                        "slurm ") else "running in another process")
+                    log.info("[%d/%d] %s: %s, skipped", done, len(plan), job["name"], where)
                 elif sweep.job_status(sweep_dir / job["name"], job["hash"]) in sweep.FINISHED:
                     sweep.release(sweep_dir, job["name"])
                     done += 1
@@ -218,32 +220,76 @@ class BnexpSweeper(Sweeper):
                 else:
                     sweep.clear_run_dir(run_dir, job["hash"])
                 batch.append([*job["overrides"], *extra])
+            ended: set[str] = set()
+
+            def end(job: dict, slurm_state: str | None = None, write: bool = True,
+                    ended: set = ended) -> None:
+                """A job ended: its status as its directory says (in the manifest at once
+                when its launcher reports jobs one by one)."""
+                nonlocal done
+                status = sweep.job_status(sweep_dir / job["name"], job["hash"])
+                if status == "pending":  # it never started: stopped with the sweep, or failed
+                    status = "queued" if interrupt.requested() else "failed"
+                entry = manifest["jobs"][job["name"]]
+                entry["status"] = status
+                if slurm_state:
+                    entry["slurm_state"] = slurm_state
+                ended.add(job["name"])
+                sweep.release(sweep_dir, job["name"])
+                done += 1
+                log.info("[%d/%d] %s: %s%s", done, len(plan), job["name"], status,
+                         f" (SLURM: {slurm_state})" if slurm_state else "")
+                if write:
+                    self._write_manifest(sweep_dir, manifest, plan)
+
+            self._follow(chunk, end, sweep_dir, manifest)
             try:
                 if batch:
                     returns.append(self.launcher.launch(batch, initial_job_idx=start))
             except (KeyboardInterrupt, SystemExit):  # a stop signal: the manifest says so
                 self._write_manifest(sweep_dir, manifest, plan)
                 raise
-            except Exception:
+            except Exception as exc:
+                from bnexp.cluster import SlurmError
+
+                if isinstance(exc, SlurmError):  # one paragraph, and what ran is recorded
+                    self._write_manifest(sweep_dir, manifest, plan)
+                    print(f"bnexp: error: {exc}", file=sys.stderr)
+                    raise SystemExit(2 if exc.key == "hydra.launcher.partition"
+                                     else sweep.EXIT_CLUSTER) from None
                 if not interrupt.requested():
                     raise
                 # The signal reached the workers too (a pool reports them as killed).
                 self._write_manifest(sweep_dir, manifest, plan)
                 raise SystemExit(interrupt.exit_code()) from None
             finally:
-                for job in chunk:
-                    sweep.release(sweep_dir, job["name"])
+                for job in chunk:  # a SLURM job's claim stays while SLURM has the job
+                    sweep.release(sweep_dir, job["name"], keep_slurm=True)
             for job in chunk:
-                status = sweep.job_status(sweep_dir / job["name"], job["hash"])
-                status = "failed" if status == "pending" else status
-                manifest["jobs"][job["name"]]["status"] = status
-                done += 1
-                log.info("[%d/%d] %s: %s", done, len(plan), job["name"], status)
+                if job["name"] not in ended:
+                    end(job, write=False)
             self._write_manifest(sweep_dir, manifest, plan)
         if interrupt.requested():
             self._write_manifest(sweep_dir, manifest, plan)
             raise SystemExit(interrupt.exit_code())
         return returns
+
+    def _follow(self, chunk: list[dict], end: Any, sweep_dir: Path, manifest: dict) -> None:
+        """Launchers that follow their jobs one by one (bnexp_slurm) report each job as it is
+        submitted (its claim passes to the SLURM job) and as it ends."""
+        from bnexp import sweep
+
+        if not hasattr(self.launcher, "ended"):
+            return
+
+        def submitted(i: int, job_id: str) -> None:
+            sweep.hand_over(sweep_dir, chunk[i]["name"], job_id)
+            manifest["jobs"][chunk[i]["name"]]["slurm_job_id"] = job_id
+            if i == len(chunk) - 1:  # all submitted: the manifest names their SLURM jobs
+                sweep.write_json_atomic(sweep_dir / sweep.MANIFEST, manifest)
+
+        self.launcher.submitted = submitted
+        self.launcher.ended = lambda i, ret, state: end(chunk[i], state)
 
     @staticmethod
     def _write_manifest(sweep_dir: Path, manifest: dict, plan: list[dict]) -> None:
