@@ -22,7 +22,7 @@ ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPEND
 
 class SlurmError(Exception):
     """The cluster refused the sweep or cannot be reached: one paragraph for the user; `key`
-    names the setting at fault when there is one (exit code 2, else 4)."""
+    names the setting at fault when there is one (exit code 2: bad input; else 4)."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)

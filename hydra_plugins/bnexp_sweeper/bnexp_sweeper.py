@@ -255,8 +255,8 @@ class BnexpSweeper(Sweeper):
                 if isinstance(exc, SlurmError):  # one paragraph, and what ran is recorded
                     self._write_manifest(sweep_dir, manifest, plan)
                     print(f"bnexp: error: {exc}", file=sys.stderr)
-                    raise SystemExit(2 if exc.key == "hydra.launcher.partition"
-                                     else sweep.EXIT_CLUSTER) from None
+                    # A setting at fault is bad input (2); an unreachable cluster is 4.
+                    raise SystemExit(2 if exc.key else sweep.EXIT_CLUSTER) from None
                 if not interrupt.requested():
                     raise
                 # The signal reached the workers too (a pool reports them as killed).
