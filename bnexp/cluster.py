@@ -41,7 +41,10 @@ def _slurm(*command: str, timeout: float = 30) -> str:
         raise SlurmError(f"`{shlex.join(command)}` got no answer in {timeout:.0f} s: is "
                          "slurmctld up (scontrol ping)?") from None
     if done.returncode != 0:
-        raise SlurmError(f"`{shlex.join(command)}` failed: {' '.join(done.stderr.split())}")
+        said = " ".join(done.stderr.split())
+        hint = (" The SLURM controller cannot be reached: check `scontrol ping` and SLURM_CONF."
+                if "Unable to contact" in said else "")
+        raise SlurmError(f"`{shlex.join(command)}` failed: {said}.{hint}")
     return done.stdout
 
 

@@ -112,10 +112,10 @@ class SlurmLauncher(_Submitit):
         """The requeued job resumes from the checkpoint the stopped run left."""
         import submitit
 
-        run_dir = Path(str(self.config.hydra.sweep.dir)) / _subdir(sweep_overrides)
-        again = [o for o in sweep_overrides if not o.startswith("resume=")]
         from bnexp import record
 
+        run_dir = Path(str(self.config.hydra.sweep.dir)) / _subdir(sweep_overrides)
+        again = [o for o in sweep_overrides if not o.startswith("resume=")]
         last = run_dir / record.CHECKPOINTS / record.LAST_CHECKPOINT
         if last.is_file() and (run_dir / record.SUMMARY).is_file():
             again.append(f"resume='{run_dir}'")
