@@ -258,7 +258,7 @@ def claim_holder(sweep_dir: Path, name: str) -> str | None:
 def _held_by_live_process(path: Path) -> bool:
     try:
         text = path.read_text()
-        if text.startswith("slurm "):
+        if text.startswith("slurm ") and len(text.split()) == 2:
             from bnexp.cluster import alive
 
             return alive(text.split()[1])

@@ -242,7 +242,7 @@ class BnexpSweeper(Sweeper):
                 if write:
                     self._write_manifest(sweep_dir, manifest, plan)
 
-            self._follow(chunk, end, sweep_dir, manifest)
+            self._hear_each_job(chunk, end, sweep_dir, manifest)
             try:
                 if batch:
                     returns.append(self.launcher.launch(batch, initial_job_idx=start))
@@ -274,7 +274,8 @@ class BnexpSweeper(Sweeper):
             raise SystemExit(interrupt.exit_code())
         return returns
 
-    def _follow(self, chunk: list[dict], end: Any, sweep_dir: Path, manifest: dict) -> None:
+    def _hear_each_job(self, chunk: list[dict], end: Any, sweep_dir: Path,
+                       manifest: dict) -> None:
         """Launchers that follow their jobs one by one (bnexp_slurm) report each job as it is
         submitted (its claim passes to the SLURM job) and as it ends."""
         from bnexp import sweep
