@@ -192,7 +192,13 @@ def test_a_sweep_runs_as_a_slurm_array_and_records_its_jobs(cluster: Path) -> No
 def test_a_cancelled_job_is_recorded_and_the_others_go_on(cluster: Path) -> None:
     sweep = _start(cluster, "seed=0,1,2", *FAST, "trainer.steps=6000", "trainer.eval_every=200",
                    "trainer.checkpoint_every=500")
-    victim = _running(cluster, 1)[0]
+    _running(cluster, 1)
+    deadline = time.monotonic() + 60  # cancel a job that has trained: past its first checkpoint
+    while time.monotonic() < deadline and not list(
+            (cluster / "sweeps" / "s").glob("*/checkpoints/last.pt")):
+        time.sleep(0.25)
+    trained = next((cluster / "sweeps" / "s").glob("*/checkpoints/last.pt")).parent.parent.name
+    victim = _manifest(cluster)[trained]["slurm_job_id"]
     subprocess.run(["scancel", victim], check=True)
     out, _ = sweep.communicate(timeout=240)
     assert sweep.returncode == 3, out  # not every job completed
