@@ -132,9 +132,13 @@ class TrainerConfig:
     divergence_patience: int = 3
     # A loss spike is a logged loss above spike_ratio x the median of the 10 before it.
     spike_ratio: float = 2.0
-    # One switch for the costly diagnostics (per-layer norms, activation percentiles and
-    # histograms, BN histograms, batch-size-1 evaluation); the summary metrics stay.
-    diagnostics: bool = True
+    # How much of the per-layer diagnostics (norms, activation percentiles and saturation,
+    # histograms of activation inputs and BN parameters, batch-size-1 evaluation) a run
+    # measures and writes. full: all of it into the events; scalars: the same without
+    # histograms; summary: measured into summary.json only, so that TensorBoard shows the
+    # curves; off: none. auto: full for `bnexp train`, summary for the runs of a sweep.
+    # true and false (earlier versions) read as full and off.
+    diagnostics: Any = "auto"
     diagnostics_every: int = 100
     histogram_every: int = 500
     probe_batch_size: int = 256
@@ -419,6 +423,18 @@ def compose(overrides: Sequence[str] = (), check: bool = True) -> DictConfig:
 # ----------------------------------------------------------------------------- validation
 
 
+DIAGNOSTICS = ("auto", "full", "scalars", "summary", "off")
+
+
+def diagnostics_level(value: Any, in_sweep: bool) -> str:
+    """trainer.diagnostics as the level that runs: full, scalars, summary or off."""
+    if isinstance(value, bool):
+        return "full" if value else "off"
+    if value == "auto":
+        return "summary" if in_sweep else "full"
+    return str(value)
+
+
 def _one_of(choices: Sequence[Any]) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
 
@@ -477,6 +493,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.divergence_factor": (lambda v: v > 1, "a number > 1"),
     "trainer.divergence_patience": (_positive_int, "an integer >= 1"),
     "trainer.spike_ratio": (lambda v: v > 1, "a number > 1"),
+    "trainer.diagnostics": (lambda v: isinstance(v, bool) or v in DIAGNOSTICS,
+                            "one of " + ", ".join(DIAGNOSTICS) + " (or true/false)"),
     "trainer.diagnostics_every": (_positive_int, "an integer >= 1 (steps)"),
     "trainer.histogram_every": (_positive_int, "an integer >= 1 (steps)"),
     "trainer.probe_batch_size": (lambda v: _positive_int(v) and v >= 2, "an integer >= 2"),

@@ -104,7 +104,7 @@ class Loop:
                                 if run.history.val_acc), default=float("nan"))
                     log.info("bnexp: step %d/%d, %d of %d models training, best val_acc %.4f",
                              step, self.total, sum(self.live), len(self.runs), best)
-            if trainer.diagnostics and (step % trainer.diagnostics_every == 0 or last):
+            if trainer.diagnostics != "off" and (step % trainer.diagnostics_every == 0 or last):
                 for k, _ in self.live_runs():
                     s.expose_grads(k)
             for _, run in self.live_runs():
@@ -146,13 +146,19 @@ def train(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path],
         ended, error = "failed", f"{type(exc).__name__}: {exc}"
         keep_traceback(list(run_dirs))
     summaries = []
-    for k, run in enumerate(runs):
-        status = "diverged" if run.history.diverged_at_step is not None else ended
-        run.env["training_step"] = loop.steps.description if loop else "eager"
-        # A finish that cannot write (a full disk) raises: the task's one paragraph says so.
-        summaries.append(run.finish(status, loop.state(k) if loop else None,
-                                    error if status == "failed" else None,
-                                    notes if status == "interrupted" else {}))
+    try:
+        for k, run in enumerate(runs):
+            status = "diverged" if run.history.diverged_at_step is not None else ended
+            run.env["training_step"] = loop.steps.description if loop else "eager"
+            # A finish that cannot write (a full disk) raises: the task's one paragraph says so.
+            summaries.append(run.finish(status, loop.state(k) if loop else None,
+                                        error if status == "failed" else None,
+                                        notes if status == "interrupted" else {}))
+    except Exception as exc:
+        # After a stop signal, the task takes an error for a stop during set-up and removes
+        # what the run wrote; these runs trained, and their files must stay.
+        exc.bnexp_after_training = True  # type: ignore[attr-defined]
+        raise
     if error:
         log.error("bnexp: error: the run failed while training: %s. Recorded as failed in its "
                   "summary.json; the traceback is in its train.log.", " ".join(error.split()))

@@ -197,7 +197,7 @@ def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
     }
     notes = {}
     if n1 == 0:
-        notes["val_acc_eval_bs1"] = "skipped: trainer.diagnostics=false"
+        notes["val_acc_eval_bs1"] = "skipped: trainer.diagnostics=off"
         return out, notes
     out["val_acc_eval_bs1"] = accuracy_one_by_one(model, x[:n1], y[:n1], inputs)
     try:

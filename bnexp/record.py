@@ -19,7 +19,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,19 +129,28 @@ def save_checkpoint(run_dir: Path, state: dict, name: str = FINAL_CHECKPOINT) ->
     return path
 
 
-# One fixed set of hparam keys for every run, so that all runs share one HParams table.
+# One fixed set of hparam keys for every run, so that all runs share one HParams table (a
+# sweep adds the keys it sweeps, when they are not among these).
 HPARAM_KEYS = (
     "data.name", "model.name", "model.depth", "model.width", "model.norm", "model.affine",
     "model.activation", "model.norm_position", "model.init", "optim.name", "optim.lr",
     "optim.momentum", "optim.weight_decay", "optim.schedule", "trainer.batch_size",
     "trainer.epochs", "trainer.precision", "seed",
 )
-# Metric tags live under hparams/ so they never clash with the curves (train/loss, val/acc...).
+# Metric tags live under METRIC_GROUP so they never clash with the curves (train/loss, val/acc)
+# and sort after them: TensorBoard's Time Series orders its groups by character code and opens
+# the first two, which are then train/ and val/.
+# TensorBoard shows the first five by default, and its parallel-coordinates view drops a run
+# that lacks any shown value: those five are finite for every finished run, diverged or not.
+# Steps to target is missing for a run that never reached it, so `reached_target` (0/1) is
+# shown and the step count stays further down.
 HPARAM_METRICS = (
-    "final_val_acc", "best_val_acc", "final_train_loss", "steps_to_target", "train_loss_auc",
-    "diverged", "loss_spikes", "grad_norm_max", "val_acc_eval_mode", "val_acc_train_mode",
-    "train_eval_gap",
+    "final_val_acc", "best_val_acc", "reached_target", "diverged", "train_eval_gap",
+    "final_train_loss", "train_loss_auc", "steps_to_target", "loss_spikes", "grad_norm_max",
+    "val_acc_eval_mode", "val_acc_train_mode",
 )
+METRIC_GROUP = "~summary"
+SWEEP_MANIFEST = "manifest.json"  # in a sweep's directory, beside its runs' directories
 LAYOUT = {
     "bnexp (all runs overlaid)": {
         "train loss": ["Multiline", [r"^train/loss$"]],
@@ -153,16 +162,133 @@ LAYOUT = {
 }
 
 
-def hparam_values(config: dict) -> dict[str, float | str | bool]:
-    """The HPARAM_KEYS of a resolved config, with None as the string 'none' (TensorBoard's
-    hparams accept numbers, strings and booleans only)."""
-    out = {}
-    for key in HPARAM_KEYS:
+def hparam_values(config: dict, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The HPARAM_KEYS (and `extra` keys) of a resolved config with their own types: bools,
+    ints, floats, strings; None as the string 'none' and lists as their text (TensorBoard's
+    hparams hold numbers, strings and booleans only)."""
+    out: dict[str, Any] = {}
+    for key in (*HPARAM_KEYS, *(k for k in extra if k not in HPARAM_KEYS)):
         value: Any = config
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        out[key] = "none" if value is None else value
+        out[key] = ("none" if value is None else value
+                    if isinstance(value, (bool, int, float, str)) else str(value))
     return out
+
+
+def sweep_manifest(run_dir: Path) -> dict | None:
+    """The manifest of the sweep a run belongs to (beside the run's directory, naming it), or
+    None for a run outside a sweep."""
+    try:
+        manifest = json.loads((Path(run_dir).parent / SWEEP_MANIFEST).read_text())
+        return manifest if Path(run_dir).name in manifest["jobs"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def sweep_grid(run_dir: Path) -> dict[str, list[str]]:
+    """The values each swept key takes across the sweep a run belongs to, as the overrides
+    wrote them; {} for a run outside a sweep. Every run of a sweep reads the same grid, so all
+    describe the same HParams experiment whichever one TensorBoard reads it from."""
+    manifest = sweep_manifest(run_dir)
+    if manifest is None:
+        return {}
+    grid: dict[str, list[str]] = {key: [] for key in manifest.get("swept", [])}
+    for job in manifest["jobs"].values():
+        for override in job.get("overrides", []):
+            key, _, value = override.lstrip("+~").partition("=")
+            value = value.strip("'\"")
+            if key in grid and value not in grid[key]:
+                grid[key].append(value)
+    return {k: v for k, v in grid.items() if v}
+
+
+def _as_type_of(text: str, like: Any) -> Any:
+    """An override's text as a value of the run's own type (the text itself when it is not)."""
+    try:
+        if isinstance(like, bool):
+            return {"true": True, "false": False}[text.lower()]
+        if isinstance(like, int):
+            return int(text) if text.lstrip("-").isdigit() else float(text)
+        if isinstance(like, float):
+            return float(text)
+    except (KeyError, ValueError):
+        return text
+    return "none" if text == "null" else text
+
+
+def experiment(values: Mapping[str, Any], grid: Mapping[str, Sequence[str]]) -> Any:
+    """The HParams experiment of a run's sweep (api_pb2.Experiment): each hparam with its type
+    and the discrete set of values the sweep gives it, and `differs` for the keys the sweep
+    varies, which TensorBoard then shows first. Then the metrics, in HPARAM_METRICS order.
+    TensorBoard has no integer type and prints its numbers with four decimals (seed 0.0000),
+    so integers are written as their text, their domain in numeric order."""
+    from google.protobuf.struct_pb2 import ListValue
+    from tensorboard.plugins.hparams import api_pb2
+
+    infos = []
+    for key in sorted(values, key=lambda k: k not in grid):  # swept keys first, stable
+        own = values[key]
+        domain = sorted({own, *(_as_type_of(t, own) for t in grid.get(key, ()))},
+                        key=lambda v: (str(type(v)), v))
+        kinds = {type(v) for v in domain}
+        if kinds == {float} or kinds == {int, float}:
+            kind = api_pb2.DATA_TYPE_FLOAT64
+        elif kinds == {bool}:
+            kind = api_pb2.DATA_TYPE_BOOL
+        else:  # strings, integers, or values a sweep gave in another type than the run's
+            kind, domain = api_pb2.DATA_TYPE_STRING, list(dict.fromkeys(map(str, domain)))
+        listed = ListValue()
+        listed.extend(domain)
+        infos.append(api_pb2.HParamInfo(name=key, type=kind, domain_discrete=listed,
+                                        differs=len(domain) > 1))
+    return api_pb2.Experiment(hparam_infos=infos, metric_infos=[
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=f"{METRIC_GROUP}/{k}"), display_name=k)
+        for k in HPARAM_METRICS])
+
+
+# A run's status as an HParams session status (TensorBoard has no "stopped": an interrupted
+# run, which may be resumed, is unknown).
+SESSION_STATUS = {"completed": "STATUS_SUCCESS", "diverged": "STATUS_SUCCESS",
+                  "failed": "STATUS_FAILURE"}
+
+
+def hparams_summaries(values: Mapping[str, Any], grid: Mapping[str, Sequence[str]],
+                      status: str) -> list[Any]:
+    """The experiment, session-start and session-end summaries of one run."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    described = experiment(values, grid)
+    start = plugin_data_pb2.SessionStartInfo()
+    for info in described.hparam_infos:  # each value as the type the experiment gives it
+        value = values[info.name]
+        if info.type == api_pb2.DATA_TYPE_BOOL:
+            start.hparams[info.name].bool_value = value
+        elif info.type == api_pb2.DATA_TYPE_FLOAT64:
+            start.hparams[info.name].number_value = value
+        else:
+            start.hparams[info.name].string_value = str(value)
+    end = plugin_data_pb2.SessionEndInfo(
+        status=api_pb2.Status.Value(SESSION_STATUS.get(status, "STATUS_UNKNOWN")))
+    out = []
+    for tag, data in ((metadata.EXPERIMENT_TAG, {"experiment": described}),
+                      (metadata.SESSION_START_INFO_TAG, {"session_start_info": start}),
+                      (metadata.SESSION_END_INFO_TAG, {"session_end_info": end})):
+        content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION,
+                                                    **data)
+        out.append(Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                                   content=content.SerializeToString())))]))
+    return out
+
+
+def hparam_metrics(summary_metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The HPARAM_METRICS values a run has (numbers and flags as 0/1)."""
+    values = dict(summary_metrics)
+    values["reached_target"] = values.get("steps_to_target") is not None
+    return {k: float(values[k]) for k in HPARAM_METRICS
+            if isinstance(values.get(k), (int, float))}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -310,6 +436,7 @@ class Events:
         # from that step on, so no step appears twice.
         if purge_step is not None:
             _sort_after_earlier_files(run_dir)
+        self.run_dir = Path(run_dir)
         self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=30, purge_step=purge_step)
         self.writer.add_custom_scalars(LAYOUT)
 
@@ -343,18 +470,17 @@ class Events:
         if found:
             self.writer.file_writer.add_summary(Summary(value=found), step)
 
-    def hparams(self, step: int, config: dict, metrics: Mapping[str, Any]) -> None:
-        """One HParams entry in this run's own event file (SummaryWriter.add_hparams would
-        make a timestamped sub-run instead), plus the metric values as hparams/ scalars."""
-        from torch.utils.tensorboard.summary import hparams
-
-        values = {k: float(metrics[k]) for k in HPARAM_METRICS
-                  if isinstance(metrics.get(k), (int, float))}
-        exp, ssi, sei = hparams(hparam_values(config),
-                                {f"hparams/{k}": 0.0 for k in HPARAM_METRICS})
-        for summary in (exp, ssi, sei):
+    def hparams(self, step: int, config: dict, metrics: Mapping[str, Any],
+                status: str = "completed") -> None:
+        """One HParams session in this run's own event file (SummaryWriter.add_hparams would
+        make a timestamped sub-run instead), described as part of its sweep
+        (sweep_grid), plus the metric values as METRIC_GROUP scalars."""
+        grid = sweep_grid(self.run_dir)
+        for summary in hparams_summaries(hparam_values(config, extra=list(grid)), grid,
+                                         status):
             self.writer.file_writer.add_summary(summary)
-        self.scalars(step, {f"hparams/{k}": v for k, v in values.items()})
+        self.scalars(step, {f"{METRIC_GROUP}/{k}": v
+                           for k, v in hparam_metrics(metrics).items()})
 
     def close(self) -> None:
         self.writer.flush()

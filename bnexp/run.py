@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bnexp import catalog, data, interrupt, metrics, models, probes, record
-from bnexp.config import UNHASHED, ConfigError, config_hash, resolved
+from bnexp.config import UNHASHED, ConfigError, config_hash, diagnostics_level, resolved
 from bnexp.device import choose_eval_batch_size, environment, resolve_device, seed_everything
 from bnexp.steps import effective_lr, full_precision
 
@@ -187,6 +187,9 @@ class Run:
         config["model"]["affine"] = models.Knobs.from_config(cfg.model).affine
         self.target = cfg.trainer.target_acc or catalog.DATASETS[cfg.data.name].target_acc
         config["trainer"]["target_acc"] = self.target
+        self.trainer.diagnostics = diagnostics_level(
+            self.trainer.diagnostics, in_sweep=record.sweep_manifest(run_dir) is not None)
+        config["trainer"]["diagnostics"] = self.trainer.diagnostics
         self.env = environment(device, threads)
         if stacked > 1:
             self.env["vectorized_models"] = stacked
@@ -312,7 +315,7 @@ class Run:
         sps = samples / max(seconds, 1e-9)
         self.events.scalars(self.step, {
             "train/loss": mean_loss, "train/acc": acc, "train/lr": lr,
-            "train/grad_norm": grad_max, "perf/samples_per_sec": sps,
+            "train/grad_norm": grad_max, "train/samples_per_sec": sps,
         })
         self.progress.update(self.step, self.epoch, loss=mean_loss, sps=sps)
         patience = self.trainer.divergence_patience
@@ -339,14 +342,15 @@ class Run:
     def diagnose(self, last: bool = False) -> None:
         """Diagnostics at their cadences (step 0 included, as the baseline)."""
         trainer, step = self.trainer, self.step
-        if trainer.diagnostics and (step % trainer.diagnostics_every == 0 or last):
+        if trainer.diagnostics != "off" and (step % trainer.diagnostics_every == 0 or last):
             inputs = probes.activation_inputs(self.model, self.probe_x)
             values = probes.activation_scalars(inputs, self.activation)
             if step > 0:
                 values.update(probes.layer_norms(self.model))
-            self.events.scalars(step, values)
             self.history.diagnostics.append((step, values))
-            if step % trainer.histogram_every == 0 or last:
+            if trainer.diagnostics in ("full", "scalars"):
+                self.events.scalars(step, values)
+            if trainer.diagnostics == "full" and (step % trainer.histogram_every == 0 or last):
                 self.events.histograms(step, {f"act_input/{k}": v for k, v in inputs.items()})
                 self.events.histograms(step, probes.bn_tensors(self.model))
         if trainer.probe_every and (step % trainer.probe_every == 0 or last):
@@ -413,7 +417,7 @@ class Run:
             ds = self.ds
             modes, found = probes.mode_comparison(
                 self.model, ds.x_val, ds.y_val, self.inputs, cfg.trainer.batch_size,
-                bs1_samples=100 if cfg.trainer.diagnostics else 0)
+                bs1_samples=100 if self.trainer.diagnostics != "off" else 0)
             summary.update(modes)
             notes.update(found)
             if cfg.trainer.mode_batch_sizes:
@@ -423,7 +427,7 @@ class Run:
                 notes.update(found)
                 summary.update(probes.population_statistics(self.model, ds.x_train,
                                                             self.inputs))
-        self.events.hparams(self.step, self.config, summary)
+        self.events.hparams(self.step, self.config, summary, status)
         self.events.close()
         if cfg.trainer.checkpoint and status in ("completed", "diverged") and state is not None:
             self.save(record.FINAL_CHECKPOINT, state)

@@ -183,7 +183,7 @@ def steps_to_event(step: int, total: int, trainer: TrainerConfig, epoch_left: in
     window, evaluation, diagnostics, probe, checkpoint, an epoch's end or the last step."""
     n = min(total - step, epoch_left)
     for every in (trainer.log_every, trainer.eval_every,
-                  trainer.diagnostics_every if trainer.diagnostics else 0,
+                  trainer.diagnostics_every if trainer.diagnostics != "off" else 0,
                   trainer.probe_every, trainer.checkpoint_every):
         if every:
             n = min(n, every - step % every)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bnexp import record
 from bnexp.config import (  # noqa: F401 - config_hash is used by the sweeper
     UNHASHED,
     config_hash,
@@ -31,7 +32,7 @@ from bnexp.config import (  # noqa: F401 - config_hash is used by the sweeper
     short_keys,
 )
 
-MANIFEST = "manifest.json"
+MANIFEST = record.SWEEP_MANIFEST
 FINISHED = ("completed", "diverged")  # results: a rerun skips these
 EXIT_SOME_FAILED = 3
 

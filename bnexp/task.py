@@ -143,8 +143,10 @@ class Task:
                 for cfg in cfgs:
                     validate(cfg)
                 summaries = loop.train(cfgs, run_dirs)
-            except Exception:
-                if interrupt.requested():  # a Ctrl-C that a library turned into an error
+            except Exception as exc:
+                # A Ctrl-C that a library turned into an error, during set-up (an error in
+                # the finish of runs that trained is reported as itself: see loop.train).
+                if interrupt.requested() and not getattr(exc, "bnexp_after_training", False):
                     raise KeyboardInterrupt from None
                 raise
         except KeyboardInterrupt:  # during set-up: no run started

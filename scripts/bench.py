@@ -439,11 +439,11 @@ def event_seconds(model_name: str, batch_size: int, repeats: int,
     inputs = probes.activation_inputs(run.model, run.probe_x)
 
     def diagnostics() -> None:
-        t.diagnostics, t.probe_every = True, 0
+        t.diagnostics, t.probe_every = "full", 0
         run.diagnose()
 
     def probe() -> None:
-        t.diagnostics, t.probe_every = False, run.step
+        t.diagnostics, t.probe_every = "off", run.step
         run.diagnose()
 
     def histograms() -> None:

@@ -86,8 +86,8 @@ def test_hparams_entry_lives_in_the_run_directory_itself(bn_and_plain) -> None:
         experiment = plugin_data_pb2.HParamsPluginData.FromString(
             content["_hparams_/experiment"]).experiment
         metric_tags = {m.name.tag for m in experiment.metric_infos}
-        assert "hparams/best_val_acc" in metric_tags and "val/acc" not in metric_tags
-        value = events.Scalars("hparams/best_val_acc")[-1].value
+        assert "~summary/best_val_acc" in metric_tags and "val/acc" not in metric_tags
+        value = events.Scalars("~summary/best_val_acc")[-1].value
         assert value == pytest.approx(summary["metrics"]["best_val_acc"])
         subdirs = {p.name for p in run_dir.iterdir() if p.is_dir()}
         assert subdirs == {".hydra", "checkpoints"}  # no timestamped hparams sub-run

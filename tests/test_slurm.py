@@ -263,6 +263,27 @@ def test_a_preempted_or_timed_out_job_checkpoints_and_requeues(cluster: Path) ->
 
 
 @pytest.mark.slurm
+def test_a_job_at_its_time_limit_with_no_requeue_left_ends_interrupted(cluster: Path) -> None:
+    """A real time limit: SLURM itself signals USR2 (signal_delay_s before timeout_min) and,
+    with no requeue left (max_num_timeout=0), submitit does not requeue ("timed-out too many
+    times"); the run stopped at its next step with a checkpoint, and a rerun resumes it."""
+    sweep = _sweep(cluster, "seed=0", *FAST, "trainer.steps=200000", "trainer.eval_every=1000",
+                   "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=40",
+                   "hydra.launcher.max_num_timeout=0", timeout=240)
+    assert sweep.returncode == 3, sweep.stdout + sweep.stderr
+    [(name, summary)] = _summaries(cluster).items()
+    assert summary["status"] == "interrupted"
+    assert summary["notes"]["interrupted_by"] == "SIGUSR2"
+    assert 0 < summary["metrics"]["steps"] < 200000
+    run_dir = cluster / "sweeps" / "s" / name
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert _manifest(cluster)[name]["status"] == "interrupted"
+    logs = "".join(p.read_text() for p in (cluster / "sweeps" / "s").glob(".submitit/*/*.out"))
+    assert "timed-out too many times" in logs
+    assert "resume:" in sweep.stdout  # the sweep says how to continue
+
+
+@pytest.mark.slurm
 def test_a_partition_that_does_not_exist_is_one_paragraph(cluster: Path) -> None:
     done = _sweep(cluster, "seed=0,1", *FAST, "hydra.launcher.partition=nosuch")
     assert done.returncode == 2

@@ -262,12 +262,13 @@ def test_runs_of_steps_end_at_every_step_the_loop_acts_on() -> None:
     rng = random.Random(0)
     for _ in range(200):
         t = TrainerConfig(log_every=rng.randint(1, 40), eval_every=rng.randint(1, 90),
-                            diagnostics=rng.random() < 0.5, diagnostics_every=rng.randint(1, 90),
+                            diagnostics=rng.choice(["full", "summary", "off"]),
+                            diagnostics_every=rng.randint(1, 90),
                             probe_every=rng.choice([0, rng.randint(1, 90)]),
                             checkpoint_every=rng.choice([0, rng.randint(1, 90)]))
         per_epoch, total = rng.randint(1, 50), rng.randint(1, 400)
         cadences = [t.log_every, t.eval_every, t.probe_every, t.checkpoint_every,
-                    t.diagnostics_every if t.diagnostics else 0, per_epoch]
+                    t.diagnostics_every if t.diagnostics != "off" else 0, per_epoch]
         wanted = {s for s in range(1, total + 1) if any(c and s % c == 0 for c in cadences)}
         ends, step, pos = set(), 0, per_epoch
         while step < total:
