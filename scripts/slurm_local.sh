@@ -13,7 +13,9 @@
 # slurmdbd.conf (slurmdbd reads its conf from the directory of $SLURM_CONF), the daemons'
 # spool, logs and PID files, MariaDB's data and socket. Made to run in a container:
 # proctrack/linuxproc and task/none (no cgroups), daemons started directly (no systemd).
-# One partition, `debug`, with this machine's CPUs and memory and no GPUs.
+# Two partitions on the one node: `debug` (the default) and `gpu`, whose node declares one GPU
+# as a generic resource (GRES) without a device file, so that GPU requests are scheduled as on
+# a GPU cluster (--gpus-per-node, GRES accounting) while the job itself finds no CUDA device.
 set -euo pipefail
 
 STATE=${BNEXP_SLURM_STATE:-/tmp/bnexp-slurm}
@@ -74,9 +76,13 @@ AccountingStorageHost=$HOST
 JobCompType=jobcomp/none
 # Requeued jobs (submitit's timeout protocol) start again at once.
 JobRequeue=1
-NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
+GresTypes=gpu
+AccountingStorageTRES=gres/gpu
+NodeName=$HOST CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$HOST MaxTime=INFINITE State=UP
 EOF
+    echo "NodeName=$HOST Name=gpu File=/dev/null" >"$STATE/gres.conf"  # a device file that is no GPU
     cat >"$STATE/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 DbdHost=$HOST
@@ -145,6 +151,9 @@ EOF
     if ! running "$STATE/run/slurmd.pid"; then
         slurmd || die "slurmd did not start (see $STATE/log/slurmd.log)"
     fi
+    # A node that an earlier configuration drained comes back once its slurmd has registered.
+    sleep 1
+    scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
     wait_for 60 "the node" bash -c "sinfo -h -N -o %t | grep -Eq '^(idle|mix|alloc)'"
     # Accounting must see jobs for submitit to follow them.
     wait_for 30 "accounting" sacct -n -X
@@ -160,6 +169,7 @@ stop() {
         fi
     done
     pkill -x munged 2>/dev/null || true
+    for _ in $(seq 40); do pgrep -x munged >/dev/null || break; sleep 0.25; done
     say "stopped"
 }
 

@@ -284,6 +284,25 @@ def test_a_job_at_its_time_limit_with_no_requeue_left_ends_interrupted(cluster: 
 
 
 @pytest.mark.slurm
+def test_a_sweep_on_a_gpu_partition_asks_for_a_gpu_per_job(cluster: Path) -> None:
+    """device=auto on a partition whose nodes have GPUs: each job asks for one GPU, and SLURM
+    schedules and accounts for it (the local cluster's GPU is a GRES with no CUDA device
+    behind it, so the jobs themselves train on the CPU, as device=auto falls back)."""
+    done = _sweep(cluster, "seed=0,1", "trainer.steps=20", "hydra/launcher=bnexp_slurm",
+                  "hydra.launcher.poll_s=0.5", "hydra.launcher.partition=gpu")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitting 2 job(s) to SLURM partition gpu (" in done.stdout
+    assert "gpus_per_node=1" in done.stdout
+    runs = _summaries(cluster)
+    assert {s["status"] for s in runs.values()} == {"completed"}
+    assert {s["env"]["slurm"]["partition"] for s in runs.values()} == {"gpu"}
+    ids = [j["slurm_job_id"] for j in _manifest(cluster).values()]
+    tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", ",".join(ids)],
+                          capture_output=True, text=True).stdout.split()
+    assert len(tres) == 2 and all("gres/gpu=1" in t for t in tres), tres
+
+
+@pytest.mark.slurm
 def test_a_partition_that_does_not_exist_is_one_paragraph(cluster: Path) -> None:
     done = _sweep(cluster, "seed=0,1", *FAST, "hydra.launcher.partition=nosuch")
     assert done.returncode == 2
