@@ -585,20 +585,25 @@ def compare(
 @app.command()
 def plot(
     path: Path = typer.Argument(None, help="A sweep or outputs directory (default: outputs)."),
-    out: Path = typer.Option(None, help="Where the PNGs go (default: PATH/plots)."),
-    metric: str = typer.Option("best_val_acc", help="Accuracy metric for the LR figures."),
+    out: Path = typer.Option(None, help="Where the figures go (default: PATH/plots)."),
+    metric: str = typer.Option("final_val_acc", help="Accuracy metric for the LR figures and "
+                                                     "the best LR (compare ranks by it too)."),
+    fmt: str = typer.Option("png", "--format", help="png, svg or pdf."),
     tensorboard: bool = typer.Option(True, help="Also write seed-aggregated TensorBoard runs "
-                                                "and the figures under PATH/_aggregate."),
+                                                "under PATH/_aggregate."),
 ) -> None:
     """Figures over runs, and seed-aggregated TensorBoard runs.
 
-    Accuracy and steps-to-target vs LR with seed bands, val-accuracy curves per variant, a
-    divergence heatmap (variant x LR).
+    Accuracy and steps-to-target vs LR with seed bands, val-accuracy curves per variant, the
+    share of seeds that diverged or stayed at chance (variant x LR).
     """
     from bnexp import plots
     from bnexp.config import outputs_root
     from bnexp.runs import find
 
+    if fmt not in plots.FORMATS:
+        _error(f"Invalid value for --format: {fmt!r}. Allowed: {', '.join(plots.FORMATS)}.")
+        raise typer.Exit(EXIT_BAD_INPUT)
     path = path or outputs_root()
     runs = find([path]) if path.exists() else []
     if not runs:
@@ -615,11 +620,13 @@ def plot(
         _error(f"Invalid value for --metric: {metric!r}: no run records it. Allowed: "
                f"{', '.join(m for m in recorded if 'acc' in m)}.")
         raise typer.Exit(EXIT_BAD_INPUT)
-    pngs = plots.save(plots.make_figures(runs, metric), target)
-    for png in pngs:
-        typer.echo(f"wrote {png}")
+    notes: list[str] = []
+    for figure in plots.save(plots.make_figures(runs, metric, notes), target, fmt):
+        typer.echo(f"wrote {figure}")
+    for note in notes:
+        typer.echo(note)
     if tensorboard:
-        base = plots.tensorboard_runs(runs, path, pngs, metric)
+        base = plots.tensorboard_runs(runs, path)
         typer.echo(f"wrote seed-aggregated TensorBoard runs under {base}")
         typer.echo(f"open:  bnexp board {path}")
 

@@ -59,6 +59,19 @@ def mean_value(series: Series) -> float | None:
 # ----------------------------------------------------------------------------- stability
 
 
+STUCK_MARGIN = 0.1  # of the way from chance to perfect accuracy
+
+
+def stuck_at_chance(accuracy: float | None, num_classes: int,
+                    margin: float = STUCK_MARGIN) -> bool:
+    """A run that learned (next to) nothing: its accuracy within `margin` of the way from
+    chance (1 / num_classes) to 1."""
+    if accuracy is None:
+        return False
+    chance = 1 / num_classes
+    return accuracy < chance + margin * (1 - chance)
+
+
 def chance_loss(num_classes: int) -> float:
     """Cross-entropy of a uniform guess: what a net that learned nothing scores."""
     return math.log(num_classes)

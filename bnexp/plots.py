@@ -69,90 +69,129 @@ def _lr_curve(points: dict[Any, list[Run]], metric: str) -> tuple[list, list, li
     return xs, means, stds
 
 
-def save(figs: dict[str, Any], out: Path) -> list[Path]:
-    """Write figures as out/<name>.png; return the paths."""
+FORMATS = ("png", "svg", "pdf")
+DPI = 150  # legible on a slide and in a paper at the figures' sizes
+# What the figures call the metrics they draw.
+METRIC_LABELS = {"final_val_acc": "final val accuracy", "best_val_acc": "best val accuracy",
+                 "final_train_loss": "final training loss",
+                 "val_acc_eval_mode": "val accuracy (eval mode)"}
+
+
+def metric_label(name: str) -> str:
+    return METRIC_LABELS.get(name, name.replace("_", " "))
+
+
+def save(figs: dict[str, Any], out: Path, fmt: str = "png") -> list[Path]:
+    """Write figures as out/<name>.<fmt> (png, svg or pdf); return the paths."""
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in figs.items():
         fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=110)
+        fig.savefig(out / f"{name}.{fmt}", dpi=DPI, format=fmt)
         plt.close(fig)
-        written.append(out / f"{name}.png")
+        written.append(out / f"{name}.{fmt}")
     return written
 
 
-def make_figures(runs: list[Run], metric: str = "best_val_acc") -> dict[str, Any]:
-    """The figures for these runs, by name (matplotlib Figure objects)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def make_figures(runs: list[Run], metric: str = "final_val_acc",
+                 notes: list[str] | None = None) -> dict[str, Any]:
+    """The figures for these runs, by name (matplotlib Figure objects). metric: the accuracy
+    the LR figures draw and the best LR is chosen by (compare ranks by final_val_acc too).
+    notes gets a line for each figure left out, saying why."""
+    plt = _pyplot()
+    notes = notes if notes is not None else []
     runs = [r for r in runs if r.status in RESULT_STATUSES]
     _, variants = group(runs)
     lr_sweep = any(len(points) > 1 for points in variants.values())
     figs: dict[str, Any] = {}
 
     if lr_sweep:
-        for m, name, ylabel in ((metric, "acc_vs_lr", metric),
-                                ("steps_to_target", "steps_to_target_vs_lr",
-                                 "steps to target (runs that reached it)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for label, points in variants.items():
+            xs, means, stds = _lr_curve(points, metric)
+            if xs:
+                _band(ax, xs, means, stds, label)
+        ax.set_xscale("log")
+        _finish(ax, "learning rate", metric_label(metric),
+                f"{metric_label(metric)} vs learning rate (mean ± std over seeds)")
+        figs["acc_vs_lr"] = fig
+
+        targets = sorted({t for r in runs if (t := r.config.get("trainer.target_acc"))})
+        target = "val accuracy ≥ " + "/".join(f"{t:g}" for t in targets) if targets else \
+            "the target"
+        reached = [r for r in runs if r.metrics.get("steps_to_target") is not None]
+        if reached:
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
-            drawn = 0
             for label, points in variants.items():
-                xs, means, stds = _lr_curve(points, m)
+                xs, means, stds = _lr_curve(points, "steps_to_target")
                 if xs:
                     _band(ax, xs, means, stds, label)
-                    drawn += 1
-            if not drawn:
-                ax.text(0.5, 0.5, f"no run has a value for {m}", ha="center",
-                        transform=ax.transAxes)
             ax.set_xscale("log")
-            ax.set_xlabel("learning rate")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{m} vs learning rate (mean ± std over seeds)", fontsize=10)
-            if drawn:
-                ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-            figs[name] = fig
-
-        lrs = sorted({lr for points in variants.values() for lr in points})
-        labels = list(variants)
-        grid = [[_diverged_fraction(variants[v].get(lr)) for lr in lrs] for v in labels]
-        fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lrs), 1.2 + 0.5 * len(labels)))
-        image = ax.imshow([[math.nan if g is None else g for g in row] for row in grid],
-                          cmap="Reds", vmin=0, vmax=1, aspect="auto")
-        for i, row in enumerate(grid):
-            for j, g in enumerate(row):
-                ax.text(j, i, "" if g is None else f"{g:.0%}", ha="center", va="center",
-                        fontsize=8)
-        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], rotation=45)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.set_xlabel("learning rate")
-        ax.set_title("fraction of seeds diverged")
-        fig.colorbar(image, ax=ax)
-        figs["divergence_heatmap"] = fig
+            _finish(ax, "learning rate", f"steps to {target}",
+                    f"steps to {target} vs learning rate (mean over the seeds that reached "
+                    f"it; {len(reached)} of {len(runs)} runs did)")
+            figs["steps_to_target_vs_lr"] = fig
+        else:
+            notes.append(f"steps_to_target_vs_lr: not drawn: none of the {len(runs)} runs "
+                         f"reached {target} (trainer.target_acc)")
+        figs["divergence_heatmap"] = _outcome_heatmap(variants)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, curve in curves(variants, metric).items():
         steps, means, stds = curve
         if steps:
             _band(ax, steps, means, stds, label, markers=False)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val accuracy (eval mode)")
-    ax.set_title("val accuracy, mean ± std over seeds" + (" (best LR)" if lr_sweep else ""))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _finish(ax, "step", "val accuracy (eval mode)",
+            "val accuracy, mean ± std over seeds"
+            + (f" (each variant at its best LR by {metric_label(metric)})" if lr_sweep else ""))
     figs["val_acc_curves"] = fig
     return figs
+
+
+def _outcome_heatmap(variants: dict[str, dict[Any, list[Run]]]) -> Any:
+    """Per variant and LR, the fraction of seeds that diverged and, in a second panel, of
+    those that did not diverge but stayed at chance: a plain sigmoid net that never learns is
+    not a diverged one, and the two call for different conclusions."""
+    from matplotlib.ticker import PercentFormatter
+
+    plt = _pyplot()
+    lrs = sorted({lr for points in variants.values() for lr in points})
+    labels = list(variants)
+    panels = (("diverged", _diverged_fraction, "Reds"),
+              (f"stuck at chance (not diverged; final val accuracy < chance + "
+               f"{metrics.STUCK_MARGIN:.0%} of the way to 1)", _stuck_fraction, "Blues"))
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 1.6 * len(lrs), 2.4 + 0.45 * len(labels)),
+                             squeeze=False)
+    for ax, (title, fraction, cmap) in zip(axes[0], panels):
+        grid = [[fraction(variants[v].get(lr)) for lr in lrs] for v in labels]
+        image = ax.imshow([[math.nan if g is None else g for g in row] for row in grid],
+                          cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, g in enumerate(row):
+                ax.text(j, i, "" if g is None else f"{g:.0%}", ha="center", va="center",
+                        fontsize=8, color="white" if g and g > 0.6 else "black")
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], rotation=45)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"seeds {title}", fontsize=9, wrap=True)
+        fig.colorbar(image, ax=ax, format=PercentFormatter(1.0))
+    return fig
 
 
 def _diverged_fraction(runs: list[Run] | None) -> float | None:
     if not runs:
         return None
     return sum(bool(r.metrics.get("diverged")) for r in runs) / len(runs)
+
+
+def _stuck_fraction(runs: list[Run] | None) -> float | None:
+    if not runs:
+        return None
+    return sum(not r.metrics.get("diverged") and metrics.stuck_at_chance(
+        r.metrics.get("final_val_acc"), r.metrics.get("num_classes") or 10)
+        for r in runs) / len(runs)
 
 
 def curves(variants: dict[str, dict[Any, list[Run]]], metric: str,
@@ -170,36 +209,44 @@ def curves(variants: dict[str, dict[Any, list[Run]]], metric: str,
     return out
 
 
-def tensorboard_runs(runs: list[Run], root: Path, pngs: Sequence[Path],
-                     metric: str = "best_val_acc") -> Path:
-    """Seed-aggregated TensorBoard runs under root/_aggregate: per variant, mean and
-    mean ± std of val accuracy and train loss (a Margin chart in Custom Scalars), plus the
-    figures as images."""
-    import numpy as np
-    from PIL import Image
+def aggregate_name(run: Run) -> str:
+    """The name of the seed aggregate a run belongs to: its own name without its seed, so that
+    aggregates keep the sweep's key order (lr=0.1,norm=batch,seed=0 -> lr=0.1,norm=batch) and
+    one regex selects a variant's runs and its aggregate."""
+    parts = [p for p in run.path.name.split(",") if not p.startswith("seed=")]
+    return ",".join(parts) or "all runs"
+
+
+AGGREGATE_TAGS = {"val/acc": "val/acc_seeds", "train/loss": "train/loss_seeds"}
+
+
+def tensorboard_runs(runs: list[Run], root: Path) -> Path:
+    """Seed-aggregated TensorBoard runs under root/_aggregate: per variant and LR (named as
+    the sweep's runs, less the seed), the seed mean and mean ± std of val accuracy and train
+    loss, beside the curves they summarize (val/acc_seeds/mean in the val group) and as
+    Margin charts in Custom Scalars. Figures are not written as events: every directory
+    TensorBoard reads is a run in every run selector."""
     from torch.utils.tensorboard import SummaryWriter
 
     base = root / AGGREGATE_DIR
-    shutil.rmtree(base, ignore_errors=True)
-    _, variants = group([r for r in runs if r.status in RESULT_STATUSES])
-    layout: dict[str, list] = {}
-    for tag in ("val/acc", "train/loss"):
-        name = tag.replace("/", "_")
-        layout[f"{tag} (seed mean ± std)"] = ["Margin", [f"{name}/mean", f"{name}/lower",
-                                                         f"{name}/upper"]]
-        for label, (steps, means, stds) in curves(variants, metric, tag).items():
-            writer = SummaryWriter(str(base / label.replace("/", "_")))
+    shutil.rmtree(base, ignore_errors=True)  # derived from the runs, rebuilt whole
+    by_name: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.status in RESULT_STATUSES:
+            by_name.setdefault(aggregate_name(run), []).append(run)
+    layout = {f"{tag} (seed mean ± std; run _aggregate/<variant>)": [
+        "Margin", [f"{name}/mean", f"{name}/lower", f"{name}/upper"]]
+        for tag, name in AGGREGATE_TAGS.items()}
+    for label, members in sorted(by_name.items()):
+        writer = SummaryWriter(str(base / label.replace("/", "_")))
+        writer.add_custom_scalars({"bnexp seeds aggregated": layout})
+        for tag, name in AGGREGATE_TAGS.items():
+            steps, means, stds = mean_curve([scalar_series(r.path, tag) for r in members])
             for step, mean, std in zip(steps, means, stds):
                 writer.add_scalar(f"{name}/mean", mean, step)
                 writer.add_scalar(f"{name}/lower", mean - std, step)
                 writer.add_scalar(f"{name}/upper", mean + std, step)
-            writer.close()
-    writer = SummaryWriter(str(base / "figures"))
-    writer.add_custom_scalars({"bnexp seeds aggregated": layout})
-    for png in pngs:
-        image = np.asarray(Image.open(png).convert("RGB"))
-        writer.add_image(f"figures/{png.stem}", image, 0, dataformats="HWC")
-    writer.close()
+        writer.close()
     return base
 
 
@@ -268,7 +315,7 @@ def _finish(ax: Any, xlabel: str, ylabel: str, title: str, legend: int | None = 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    if legend:
+    if legend and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=legend)
     ax.grid(alpha=0.3)
 

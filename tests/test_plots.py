@@ -27,6 +27,7 @@ def sweep_dir(tmp_path: Path) -> Path:
                 tmp_path / f"lr={lr},norm={norm},seed={seed}",
                 "diverged" if curve[-1] == 0.1 and seed == 1 else "completed",
                 **{"model.norm": norm, "optim.lr": lr, "seed": seed, "best_val_acc": max(curve),
+                   "final_val_acc": curve[-1], "trainer.target_acc": 0.9,
                    "steps_to_target": 20 if max(curve) >= 0.9 else None,
                    "diverged": curve[-1] == 0.1 and seed == 1})
             writer = SummaryWriter(str(run_dir))
@@ -38,36 +39,65 @@ def sweep_dir(tmp_path: Path) -> Path:
 
 
 def test_figures_hold_one_line_per_variant_with_seed_means(sweep_dir: Path) -> None:
-    figs = plots.make_figures(find([sweep_dir]))
+    notes: list[str] = []
+    figs = plots.make_figures(find([sweep_dir]), "best_val_acc", notes)
     assert set(figs) == {"acc_vs_lr", "steps_to_target_vs_lr", "divergence_heatmap",
-                         "val_acc_curves"}
+                         "val_acc_curves"} and notes == []
     (ax,) = figs["acc_vs_lr"].axes
     lines = {line.get_label(): line for line in ax.lines}
     assert set(lines) == {"norm=batch", "norm=none"}
     assert list(lines["norm=batch"].get_xdata()) == [0.1, 1.0]
     assert list(lines["norm=batch"].get_ydata()) == pytest.approx([0.85, 0.96])
     assert ax.get_xscale() == "log"
+    assert ax.get_ylabel() == "best val accuracy" and "best_val_acc" not in ax.get_title()
     curves = {line.get_label(): line for line in figs["val_acc_curves"].axes[0].lines}
     assert set(curves) == {"norm=batch,lr=1", "norm=none,lr=0.1"}  # each at its best LR
     assert list(curves["norm=batch,lr=1"].get_ydata()) == pytest.approx([0.7, 0.96])
-    heat = figs["divergence_heatmap"].axes[0].images[0].get_array()
-    assert heat.tolist() == [[0.0, 0.0], [0.0, 0.5]]
+    diverged, stuck = (a for a in figs["divergence_heatmap"].axes if a.images)
+    assert diverged.images[0].get_array().tolist() == [[0.0, 0.0], [0.0, 0.5]]
+    # norm=none at lr=1: one seed diverged, the other stayed at chance (0.1) without diverging
+    assert stuck.images[0].get_array().tolist() == [[0.0, 0.0], [0.0, 0.5]]
+    assert "%" in diverged.figure.axes[-1].get_yticklabels()[-1].get_text()  # the colour bar
+    reached = figs["steps_to_target_vs_lr"].axes[0]
+    assert "0.9" in reached.get_title() and "3 of 8 runs" in reached.get_title()
 
 
-def test_pngs_and_aggregated_tensorboard_runs(sweep_dir: Path, tmp_path: Path) -> None:
+def test_a_target_no_run_reached_is_said_not_drawn(tmp_path: Path) -> None:
+    for lr in (0.1, 1.0):
+        write_summary(tmp_path / f"lr={lr},seed=0", **{"optim.lr": lr, "seed": 0,
+                      "trainer.target_acc": 0.97, "final_val_acc": 0.5, "best_val_acc": 0.5,
+                      "steps_to_target": None})
+    notes: list[str] = []
+    figs = plots.make_figures(find([tmp_path]), notes=notes)
+    assert "steps_to_target_vs_lr" not in figs
+    assert notes == ["steps_to_target_vs_lr: not drawn: none of the 2 runs reached val "
+                     "accuracy ≥ 0.97 (trainer.target_acc)"]
+
+
+@pytest.mark.parametrize("fmt", plots.FORMATS)
+def test_figures_in_each_format_at_150_dpi(sweep_dir: Path, tmp_path: Path, fmt: str) -> None:
+    written = plots.save(plots.make_figures(find([sweep_dir])), tmp_path / "plots", fmt)
+    assert len(written) == 4 and all(p.suffix == f".{fmt}" for p in written)
+    head = written[0].read_bytes()[:8]
+    assert {"png": head == b"\x89PNG\r\n\x1a\n", "pdf": head.startswith(b"%PDF"),
+            "svg": b"<svg" in written[0].read_bytes()[:2000]}[fmt]
+    if fmt == "png":
+        width, _ = Image.open(written[0]).size
+        assert width == pytest.approx(6.4 * 150, abs=2)  # 6.4 in at 150 dpi
+
+
+def test_aggregated_tensorboard_runs_at_every_lr_in_the_sweeps_key_order(
+        sweep_dir: Path) -> None:
     runs = find([sweep_dir])
-    pngs = plots.save(plots.make_figures(runs), tmp_path / "plots")
-    assert len(pngs) == 4
-    for png in pngs:
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert Image.open(png).size[0] > 300
-    base = plots.tensorboard_runs(runs, sweep_dir, pngs)
-    events = EventAccumulator(str(base / "norm=batch,lr=1"))
+    base = plots.tensorboard_runs(runs, sweep_dir)
+    names = sorted(p.name for p in base.iterdir())
+    assert names == ["lr=0.1,norm=batch", "lr=0.1,norm=none", "lr=1.0,norm=batch",
+                     "lr=1.0,norm=none"]  # every LR; the runs' names less the seed
+    events = EventAccumulator(str(base / "lr=1.0,norm=batch"))
     events.Reload()
-    assert [e.value for e in events.Scalars("val_acc/mean")] == pytest.approx([0.7, 0.96])
-    upper = events.Scalars("val_acc/upper")[1].value
+    assert [e.value for e in events.Scalars("val/acc_seeds/mean")] == pytest.approx(
+        [0.7, 0.96])
+    upper = events.Scalars("val/acc_seeds/upper")[1].value
     assert upper == pytest.approx(0.96 + statistics.stdev([0.95, 0.97]), rel=1e-5)
-    images = EventAccumulator(str(base / "figures"), size_guidance={"images": 0})
-    images.Reload()
-    assert "figures/acc_vs_lr" in images.Tags()["images"]
+    assert "figures" not in names and not events.Tags()["images"]  # no figures as a run
     assert len(find([sweep_dir])) == 8  # aggregated runs are not mistaken for runs
