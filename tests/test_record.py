@@ -131,6 +131,37 @@ def test_probes_change_nothing_about_training(tmp_path: Path) -> None:
         "on", "trainer.probe_every=5", "trainer.diagnostics_every=3")
 
 
+@pytest.mark.parametrize(("level", "scalars", "histograms", "measured"), [
+    ("full", True, True, True), ("scalars", True, False, True),
+    ("summary", False, False, True), ("off", False, False, False)])
+def test_each_diagnostics_level_writes_what_it_says(tmp_path: Path, level: str, scalars: bool,
+                                                    histograms: bool, measured: bool) -> None:
+    _, summary, events = run(tmp_path, level, "model.activation=sigmoid",
+                             f"trainer.diagnostics={level}")
+    tags = events.Tags()
+    assert ("act_input/act1/p50" in tags["scalars"]) == scalars
+    assert ("saturation/act1" in tags["scalars"]) == scalars
+    assert bool(tags["histograms"]) == histograms
+    assert {"train/loss", "val/acc"} <= set(tags["scalars"])  # the curves, at every level
+    assert (summary["metrics"]["saturation_final"] is not None) == measured
+    assert (summary["metrics"]["val_acc_eval_bs1"] is not None) == measured
+    assert summary["config"]["trainer"]["diagnostics"] == level  # the level that ran
+
+
+def test_auto_diagnostics_are_full_for_a_single_run(bn_and_plain) -> None:
+    (_, summary, events), _ = bn_and_plain
+    assert summary["config"]["trainer"]["diagnostics"] == "full"
+    assert events.Tags()["histograms"]
+
+
+def test_a_diagnostics_level_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "trainer.diagnostics=some", "device=cpu",
+                                 f"hydra.run.dir={tmp_path / 'r'}"])
+    assert result.exit_code == 2
+    assert "trainer.diagnostics" in result.output and "summary" in result.output
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
 def test_crc32c_matches_tensorboards_own_checksum() -> None:
     import random
 
