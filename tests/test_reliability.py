@@ -228,6 +228,38 @@ def test_a_disk_that_fills_while_training_gives_one_paragraph_and_a_failed_run(
     assert not list(run_dir.rglob("*.tmp"))
 
 
+def test_a_finish_that_fails_after_a_stop_signal_keeps_what_the_run_wrote(
+        isolated: Path) -> None:
+    """Ctrl-C mid-training, then the interrupted run's checkpoint does not fit (RLIMIT_FSIZE):
+    the error is reported as itself, and the run's directory stays. (It was once taken for a
+    stop during set-up, and the whole run directory was removed.)"""
+    import resource
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    run_dir = isolated / "stopped"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnexp", "train", "trainer.steps=1000000",
+         "trainer.checkpoint_every=0", "trainer.eval_every=500", "trainer.progress=none",
+         "device=cpu", f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, preexec_fn=small_files, start_new_session=True)
+    deadline = time.time() + 120
+    events = []
+    while time.time() < deadline and not events:  # training: its first evaluation is logged
+        events = [p for p in run_dir.glob("events.out.tfevents.*") if p.stat().st_size > 2000]
+        time.sleep(0.2)
+    assert events, "the run did not start training"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out  # stopped by Ctrl-C, as the user asked
+    assert "File too large" in out and "Traceback" not in out
+    assert events[0].exists() and (run_dir / "train.log").is_file()  # nothing removed
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "File too large" in summary["error"]
+
+
 def test_unwritable_outputs_is_a_clear_error(isolated: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = isolated / "file"
