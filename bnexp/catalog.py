@@ -31,7 +31,11 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 NETWORKS = ("mlp", "cnn", "vgg", "resnet")
-NORMS = ("batch", "none")  # the block factory is keyed on these
+# The block factory (models.norm_layer) is keyed on these. layer/group/instance normalize each
+# sample on its own: over all its features (layer), over groups of channels (group), over each
+# channel's spatial positions (instance; conv nets only).
+NORMS = ("batch", "layer", "group", "instance", "none")
+NORM_GROUPS = 32  # GroupNorm's default number of groups (Wu & He 2018)
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 NORM_POSITIONS = ("before_act", "after_act")
 INITS = ("default", "normal")
@@ -39,3 +43,45 @@ INITS = ("default", "normal")
 VGG_STAGES: dict[int, tuple[int, ...]] = {
     11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4),
 }
+
+
+def norm_groups(norm: str, groups: int, channels: int) -> int:
+    """How many groups a norm layer over `channels` divides them into: layer norm 1, instance
+    norm one per channel, group norm `groups`, or every channel its own group when there are
+    fewer channels than that. Batch norm has no groups (0)."""
+    if norm == "layer":
+        return 1
+    if norm == "instance":
+        return channels
+    if norm == "group":
+        return min(groups, channels)
+    return 0
+
+
+def norm_inputs(network: str, depth: int, width: int, side: int) -> list[tuple[int, int]]:
+    """(channels, spatial side) of the input of every norm layer of a network, in module
+    order; the MLP's side is 1. Mirrors models.py, so configs are checked before torch is
+    imported (a test builds every network and compares)."""
+    if network == "mlp":
+        return [(width, 1)] * depth
+    out: list[tuple[int, int]] = []
+    if network == "cnn":
+        for stage in range(depth):
+            out += [(width * 2**stage, side // 2**stage)] * 2
+    elif network == "vgg":
+        for stage, convs in enumerate(VGG_STAGES[depth]):
+            out += [(width * min(2**stage, 8), side)] * convs
+            side = -(-side // 2)  # pooling with ceil_mode
+    elif network == "resnet":
+        out.append((width, side))
+        c_in = width
+        for stage in range(3):
+            c_out = width * 2**stage
+            for i in range((depth - 2) // 6):
+                stride = 2 if stage and i == 0 else 1
+                side = -(-side // stride)
+                out += [(c_out, side), (c_out, side)]
+                if stride != 1 or c_in != c_out:
+                    out.append((c_out, side))
+                c_in = c_out
+    return out

@@ -54,8 +54,9 @@ OVERRIDES use Hydra's grammar: group=option or key=value, e.g.
 
 [bold]Main knobs[/bold]:
 
-  model.norm=batch|none  model.affine=true|false  model.activation=relu|sigmoid|tanh
-  model.norm_position=before_act|after_act  model.bn_momentum  model.bn_eps
+  model.norm=batch|layer|group|instance|none  model.norm_groups  model.affine=true|false
+  model.activation=relu|sigmoid|tanh  model.norm_position=before_act|after_act
+  model.bn_momentum  model.bn_eps
   model.init=default|normal  model.init_std  model.depth  model.width
   optim.lr  optim.momentum  optim.weight_decay  optim.schedule=constant|cosine|step
   trainer.epochs  trainer.steps  trainer.batch_size  trainer.eval_every
@@ -679,14 +680,16 @@ def board(
 
 @app.command()
 def inspect(run: Path = typer.Argument(..., help="A run directory or a checkpoint file."),
-            json_out: bool = typer.Option(False, "--json", help="Print the BN report as JSON."),
+            json_out: bool = typer.Option(False, "--json",
+                                          help="Print the norm-layer report as JSON."),
             ) -> None:
-    """Print a trained model and, for each BN layer, its settings and statistics."""
+    """Print a trained model and, for each norm layer (batch, layer, group or instance norm),
+    its settings and statistics: running mean/var where the layer keeps them, gamma/beta."""
 
     from rich.console import Console
     from rich.table import Table
 
-    from bnexp.probes import bn_report
+    from bnexp.probes import norm_report
     from bnexp.run import load_model
 
     try:
@@ -694,7 +697,7 @@ def inspect(run: Path = typer.Argument(..., help="A run directory or a checkpoin
     except FileNotFoundError as exc:
         _error(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    rows = bn_report(model)
+    rows = norm_report(model)
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -702,22 +705,28 @@ def inspect(run: Path = typer.Argument(..., help="A run directory or a checkpoin
     console.print(f"[bold]{run}[/bold]  step {ckpt['step']}")
     console.print(model)
     if not rows:
-        console.print("No BatchNorm layers (model.norm=none).")
+        console.print("No norm layers (model.norm=none).")
         return
-    table = Table(title="BatchNorm layers: settings, and mean / std / min / max of each tensor")
-    for col in ("layer", "features", "eps", "momentum", "affine", "tracks", "batches",
-                "running_mean", "running_var", "gamma", "beta"):
-        table.add_column(col)
-
     def fmt(st: dict | None) -> str:
         return "—" if st is None else " / ".join(f"{st[k]:.3g}" for k in
                                                  ("mean", "std", "min", "max"))
 
+    def text(v: object) -> str:
+        return "—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+    # Only the columns some layer has: running statistics are BN's, groups GroupNorm's.
+    columns = {"layer": "layer", "type": "type", "features": "num_features",
+               "groups": "groups", "eps": "eps", "momentum": "momentum", "affine": "affine",
+               "batches": "num_batches_tracked", "running_mean": "running_mean",
+               "running_var": "running_var", "gamma": "gamma", "beta": "beta"}
+    columns = {c: k for c, k in columns.items() if any(r[k] is not None for r in rows)}
+    table = Table(title="Norm layers: settings, and mean / std / min / max of each tensor")
+    for col in columns:
+        table.add_column(col)
     for r in rows:
-        table.add_row(r["layer"], str(r["num_features"]), f"{r['eps']:g}", str(r["momentum"]),
-                      str(r["affine"]), str(r["track_running_stats"]),
-                      str(r["num_batches_tracked"]), fmt(r["running_mean"]),
-                      fmt(r["running_var"]), fmt(r["gamma"]), fmt(r["beta"]))
+        table.add_row(*(fmt(r[k]) if isinstance(r[k], dict) or k in (
+            "running_mean", "running_var", "gamma", "beta") else text(r[k])
+            for k in columns.values()))
     console.print(table)
 
 

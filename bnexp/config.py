@@ -69,14 +69,18 @@ class ModelConfig:
     depth: int = 3
     # mlp: hidden units; cnn/vgg/resnet: channels of the first stage.
     width: int = 100
+    # batch, layer, group, instance (conv nets) or none: see bnexp/models.py norm_layer.
     norm: str = "batch"
-    # BN's learnable gamma/beta. None = on when there is a norm layer; true with norm=none
-    # is an error.
+    # The norm's learnable gamma/beta. None = on when there is a norm layer; true with
+    # norm=none is an error.
     affine: bool | None = None
     activation: str = "relu"
     norm_position: str = "before_act"
+    # momentum of BN's running statistics (BN only); eps of every norm.
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
+    # norm=group: groups per layer (a layer with fewer channels: one group per channel).
+    norm_groups: int = catalog.NORM_GROUPS
     # default = PyTorch's init; normal = N(0, init_std^2) weights and zero biases, as in the paper.
     init: str = "default"
     init_std: float = 0.1
@@ -456,6 +460,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.norm_position": _one_of(NORM_POSITIONS),
     "model.bn_momentum": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "model.bn_eps": (lambda v: v > 0, "a number > 0"),
+    "model.norm_groups": (_positive_int, "an integer >= 1"),
     "model.init": _one_of(INITS),
     "model.init_std": (lambda v: v > 0, "a number > 0"),
     "optim.name": _one_of(OPTIMIZERS),
@@ -535,7 +540,8 @@ def validate(cfg: DictConfig) -> None:
         raise fail(
             "model.affine", True, "false or null when model.norm=none",
             "Affine gamma/beta belong to the norm layer; with model.norm=none there is none. "
-            "Drop model.affine or set model.norm=batch.",
+            "Drop model.affine or set model.norm to one of "
+            + ", ".join(n for n in NORMS if n != "none") + ".",
         )
     if m.name == "resnet" and (m.depth - 2) % 6:
         raise fail("model.depth", m.depth, "6n+2 for model=resnet (20, 32, 44, 56, 110)")
@@ -548,15 +554,54 @@ def validate(cfg: DictConfig) -> None:
     if m.name == "vgg" and m.depth not in VGG_DEPTHS:
         raise fail("model.depth", m.depth,
                    f"one of {', '.join(map(str, VGG_DEPTHS))} for model=vgg")
-    if m.norm != "none" and cfg.trainer.batch_size == 1:
+    _check_norm(m, side)
+    if m.norm == "batch" and cfg.trainer.batch_size == 1:
         raise fail(
             "trainer.batch_size", 1, "an integer >= 2 with model.norm=batch",
             "BatchNorm in training normalizes each feature over the batch, and the variance of "
-            "one sample is zero. Use trainer.batch_size=2 or more, or model.norm=none.",
+            "one sample is zero. Use trainer.batch_size=2 or more, or a norm of each sample "
+            "alone (model.norm=layer or group), or model.norm=none.",
         )
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise fail("optim.nesterov", True, "false when optim.momentum=0",
                    "Nesterov momentum needs optim.momentum > 0.")
+
+
+def _check_norm(m: DictConfig, side: int) -> None:
+    """Norms that cannot be built on this network: instance norm of an MLP, groups that do not
+    divide a layer's channels, a group of one value (zero variance: the layer outputs beta)."""
+    if m.norm in ("batch", "none"):
+        return
+    if m.norm == "instance" and m.name == "mlp":
+        raise fail("model.norm", "instance", "batch, layer, group or none for model=mlp",
+                   "Instance norm normalizes each channel of each sample over its spatial "
+                   "positions; an MLP's features have none, so every value would be its own "
+                   "mean. Use a conv net (model=cnn, vgg or resnet), or model.norm=layer.")
+    shapes = catalog.norm_inputs(m.name, m.depth, m.width, side)
+    channels = sorted({c for c, _ in shapes})
+    if m.norm == "group":
+        bad = [c for c in channels if c % catalog.norm_groups("group", m.norm_groups, c)]
+        if bad:
+            fits = [g for g in range(1, channels[-1] + 1)
+                    if all(c < g or c % g == 0 for c in channels)]
+            raise fail("model.norm_groups", m.norm_groups, "a number of groups that divides "
+                       "every layer's channels: " + ", ".join(map(str, fits)) + " (or more "
+                       f"than {channels[-1]}: one group per channel)",
+                       f"model={m.name} with width {m.width} has layers of "
+                       f"{', '.join(map(str, channels))} "
+                       f"{'features' if m.name == 'mlp' else 'channels'}; {bad[0]} cannot be "
+                       f"split into {m.norm_groups} equal groups.")
+    for c, s in shapes:
+        groups = catalog.norm_groups(m.norm, m.norm_groups, c)
+        if c // groups * s * s < 2:
+            key, value = ("model.norm_groups", m.norm_groups) if m.norm == "group" else (
+                "model.norm", m.norm)
+            where = (f"{c} features" if m.name == "mlp" else
+                     f"{c} channels of {s}x{s} maps")
+            raise fail(key, value, "a setting whose groups hold at least 2 values" + (
+                f" (model.norm_groups <= {c // 2} here)" if m.norm == "group" else ""),
+                f"A layer of {where} in {groups} groups normalizes each value by itself: its "
+                "variance is zero and the layer would output beta alone.")
 
 
 def resolved(cfg: DictConfig) -> dict:
@@ -590,6 +635,10 @@ def config_hash(cfg: DictConfig | dict) -> str:
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     data = json.loads(json.dumps(data))  # a deep copy we may edit
     data.pop("hydra", None)
+    model = data.get("model", {})
+    if model.get("norm") != "group":
+        # Means nothing to other norms, and runs from before the key existed hash without it.
+        model.pop("norm_groups", None)
     for key in UNHASHED:
         *parents, leaf = key.split(".")
         node = data

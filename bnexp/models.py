@@ -1,8 +1,8 @@
 """The networks, all built from one block factory that holds every normalization knob.
 
 `Knobs` is read once from `cfg.model`; `block()` is the only place where a norm layer or an
-activation is created, so an ablation (norm, affine, activation, position, init) applies to every
-architecture the same way.
+activation is created, so an ablation (norm: batch, layer, group, instance or none; affine,
+activation, position, init) applies to every architecture the same way.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ class Knobs:
     norm_position: str = "before_act"
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
+    norm_groups: int = catalog.NORM_GROUPS
 
     @classmethod
     def from_config(cls, m: DictConfig) -> Knobs:
         affine = m.norm != "none" if m.affine is None else bool(m.affine)
-        return cls(m.norm, affine, m.activation, m.norm_position, m.bn_momentum, m.bn_eps)
+        return cls(m.norm, affine, m.activation, m.norm_position, m.bn_momentum, m.bn_eps,
+                   m.get("norm_groups", catalog.NORM_GROUPS))
 
     @property
     def has_norm(self) -> bool:
@@ -45,12 +47,31 @@ ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
 def norm_layer(knobs: Knobs, features: int, spatial: bool) -> nn.Module:
-    if knobs.norm == "batch":
+    """The norm layer over `features` channels (spatial: of N x C x H x W maps) or features.
+    eps and affine apply to every norm; momentum only to BN's running statistics."""
+    norm, eps, affine = knobs.norm, knobs.bn_eps, knobs.affine
+    if norm == "batch":
         cls = nn.BatchNorm2d if spatial else nn.BatchNorm1d
-        return cls(features, eps=knobs.bn_eps, momentum=knobs.bn_momentum, affine=knobs.affine)
-    if knobs.norm == "none":
+        return cls(features, eps=eps, momentum=knobs.bn_momentum, affine=affine)
+    if norm == "layer" and not spatial:
+        return nn.LayerNorm(features, eps=eps, elementwise_affine=affine, bias=affine)
+    if norm in ("layer", "group"):
+        # Layer norm of a conv net normalizes each sample over (C, H, W), which is GroupNorm
+        # with one group; its gamma/beta are per channel (Wu & He 2018, section 3.1), so the
+        # net does not depend on the image size.
+        groups = catalog.norm_groups(norm, knobs.norm_groups, features)
+        if features % groups:
+            raise ValueError(f"{groups} groups do not divide {features} channels")
+        return nn.GroupNorm(groups, features, eps=eps, affine=affine)
+    if norm == "instance":
+        if not spatial:
+            raise ValueError("instance norm needs spatial feature maps (not an MLP)")
+        # PyTorch's semantics: each sample's own statistics in train and eval mode alike
+        # (track_running_stats=False), so there are no running statistics to keep.
+        return nn.InstanceNorm2d(features, eps=eps, affine=affine)
+    if norm == "none":
         return nn.Identity()
-    raise ValueError(f"unknown norm {knobs.norm!r}")
+    raise ValueError(f"unknown norm {norm!r}")
 
 
 def block(layer: nn.Module, features: int, knobs: Knobs, spatial: bool,
@@ -182,6 +203,32 @@ def build(m: DictConfig, in_shape: tuple[int, ...], classes: int) -> nn.Module:
     return model
 
 
-def norm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+              nn.modules.instancenorm._InstanceNorm)
+# Short names of the layers in probes' tags and summary keys (bn1, gn2, ...).
+NORM_PREFIXES = {nn.modules.batchnorm._BatchNorm: "bn", nn.LayerNorm: "ln",
+                 nn.GroupNorm: "gn", nn.modules.instancenorm._InstanceNorm: "in"}
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every normalization layer, in module order."""
+    return [(n, mod) for n, mod in model.named_modules() if isinstance(mod, NORM_TYPES)]
+
+
+def batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """The BN layers: the only norms whose output depends on the rest of the batch in train
+    mode and that keep running statistics for eval mode."""
     return [(n, mod) for n, mod in model.named_modules()
             if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
+
+
+def norm_prefix(layer: nn.Module) -> str:
+    if isinstance(layer, nn.GroupNorm) and layer.num_groups == 1:
+        return "ln"  # a conv net's layer norm (see norm_layer)
+    return next(p for cls, p in NORM_PREFIXES.items() if isinstance(layer, cls))
+
+
+def depends_on_batch(model: nn.Module) -> bool:
+    """Whether train mode computes a different function from eval mode (BN's batch
+    statistics): false for layer, group and instance norm as bnexp builds them."""
+    return bool(batch_norms(model))

@@ -16,7 +16,7 @@ from torch import nn
 
 from bnexp import metrics
 from bnexp.data import eval_batches
-from bnexp.models import ACTIVATIONS, norm_layers
+from bnexp.models import ACTIVATIONS, batch_norms, depends_on_batch, norm_layers, norm_prefix
 
 ACTIVATION_TYPES = tuple(ACTIVATIONS.values())
 
@@ -94,15 +94,23 @@ def layer_norms(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def bn_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """BN running mean/var and gamma/beta, by BN layer (bn1, bn2, ...)."""
+def _running(layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return getattr(layer, "running_mean", None), getattr(layer, "running_var", None)
+
+
+def norm_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every norm layer's running mean/var (BN's; the other norms keep none) and gamma/beta,
+    by layer: bn1, bn2, ... for batch norm, ln/gn/in for layer, group and instance norm."""
     out = {}
-    for i, (_, bn) in enumerate(norm_layers(model), 1):
-        out[f"bn{i}/running_mean"] = bn.running_mean
-        out[f"bn{i}/running_var"] = bn.running_var
-        if bn.affine:
-            out[f"bn{i}/gamma"] = bn.weight.detach()
-            out[f"bn{i}/beta"] = bn.bias.detach()
+    for i, (_, layer) in enumerate(norm_layers(model), 1):
+        name = f"{norm_prefix(layer)}{i}"
+        for stat, value in zip(("running_mean", "running_var"), _running(layer)):
+            if value is not None:
+                out[f"{name}/{stat}"] = value
+        if layer.weight is not None:
+            out[f"{name}/gamma"] = layer.weight.detach()
+        if layer.bias is not None:
+            out[f"{name}/beta"] = layer.bias.detach()
     return out
 
 
@@ -114,18 +122,24 @@ def _stats(x: torch.Tensor | None) -> dict[str, float] | None:
             "min": x.min().item(), "max": x.max().item()}
 
 
-def bn_report(model: nn.Module) -> list[dict]:
-    """Per BN layer: its settings and summaries of running mean/var and gamma/beta."""
+def norm_report(model: nn.Module) -> list[dict]:
+    """Per norm layer: its settings and summaries of running mean/var (None where the layer
+    keeps none) and gamma/beta (None without affine)."""
     rows = []
-    for name, bn in norm_layers(model):
+    for name, layer in norm_layers(model):
+        mean, var = _running(layer)
+        tracked = getattr(layer, "num_batches_tracked", None)
+        features = getattr(layer, "num_features", None) or getattr(
+            layer, "num_channels", None) or int(torch.Size(layer.normalized_shape).numel())
+        affine = getattr(layer, "affine", getattr(layer, "elementwise_affine", False))
         rows.append({
-            "layer": name, "type": type(bn).__name__, "num_features": bn.num_features,
-            "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
-            "track_running_stats": bn.track_running_stats,
-            "num_batches_tracked": int(bn.num_batches_tracked)
-            if bn.num_batches_tracked is not None else None,
-            "running_mean": _stats(bn.running_mean), "running_var": _stats(bn.running_var),
-            "gamma": _stats(bn.weight), "beta": _stats(bn.bias),
+            "layer": name, "type": type(layer).__name__, "num_features": features,
+            "groups": getattr(layer, "num_groups", None), "eps": layer.eps,
+            "momentum": getattr(layer, "momentum", None) if mean is not None else None,
+            "affine": affine, "track_running_stats": mean is not None,
+            "num_batches_tracked": int(tracked) if tracked is not None else None,
+            "running_mean": _stats(mean), "running_var": _stats(var),
+            "gamma": _stats(layer.weight), "beta": _stats(layer.bias),
         })
     return rows
 
@@ -180,7 +194,7 @@ def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
                     batch_size: int, bs1_samples: int = 100) -> tuple[dict, dict]:
     """BN's two behaviours side by side, plus evaluation one sample at a time on the first
     bs1_samples of the (shuffled) split; bs1_samples=0 skips that."""
-    has_bn = bool(norm_layers(model))
+    has_bn = depends_on_batch(model)
     # A fixed shuffle: train-mode batches must not inherit any ordering of the split by class.
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
     x, y = x[order], y[order]
@@ -214,7 +228,10 @@ def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
             "batch size 1 is fine (val_acc_eval_bs1)."
         )
     if not has_bn:
-        notes["train_eval_gap"] = "no BN layers: train and eval mode compute the same function"
+        notes["train_eval_gap"] = ("no BN layers: train and eval mode compute the same "
+                                   "function" + (" (layer, group and instance norm use each "
+                                                 "sample's own statistics in both)"
+                                                 if norm_layers(model) else ""))
     return out, notes
 
 
@@ -266,7 +283,7 @@ def population_statistics(model: nn.Module, x: torch.Tensor, inputs,
     in units of the population standard deviation, and the variance's relative error, each
     the root mean square over the layer's features. Both are the errors BN's normalized
     output inherits: a shift of that many standard deviations, a scale off by that fraction."""
-    layers = norm_layers(model)
+    layers = batch_norms(model)
     sums: dict[int, list] = {}
 
     def hook(i: int):

@@ -352,7 +352,7 @@ class Run:
                 self.events.scalars(step, values)
             if trainer.diagnostics == "full" and (step % trainer.histogram_every == 0 or last):
                 self.events.histograms(step, {f"act_input/{k}": v for k, v in inputs.items()})
-                self.events.histograms(step, probes.bn_tensors(self.model))
+                self.events.histograms(step, probes.norm_tensors(self.model))
         if trainer.probe_every and (step % trainer.probe_every == 0 or last):
             found = probes.landscape(self.model, self.probe_x, self.probe_y,
                                      tuple(r * self.lr for r in trainer.probe_step_sizes))

@@ -448,7 +448,7 @@ def event_seconds(model_name: str, batch_size: int, repeats: int,
 
     def histograms() -> None:
         run.events.histograms(run.step, {f"act_input/{k}": v for k, v in inputs.items()})
-        run.events.histograms(run.step, probes.bn_tensors(run.model))
+        run.events.histograms(run.step, probes.norm_tensors(run.model))
 
     events = {
         "log line": lambda: run.log_window(eager.loss_sum[0], eager.correct[0], t.log_every,

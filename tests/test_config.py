@@ -36,7 +36,13 @@ BAD = [
     (["optim.lr=abc"], "optim.lr", "abc"),
     (["optim.lr=-1"], "optim.lr", "> 0"),
     (["optim.lr=0"], "optim.lr", "> 0"),
-    (["model.norm=group"], "model.norm", "batch, none"),
+    (["model.norm=weight"], "model.norm", "batch, layer, group, instance, none"),
+    (["model.norm=instance"], "model.norm", "for model=mlp"),
+    (["model.norm=group"], "model.norm_groups", "1, 2, 4, 5, 10, 20, 25, 50, 100"),
+    (["model.norm=group", "model.norm_groups=100"], "model.norm_groups", "<= 50"),
+    (["model.norm=group", "model.norm_groups=0"], "model.norm_groups", ">= 1"),
+    (["model=cnn", "model.width=6", "model.norm=group", "model.norm_groups=4"],
+     "model.norm_groups", "1, 2, 3, 6"),
     (["model.activation=gelu"], "model.activation", "relu, sigmoid, tanh"),
     (["model.norm=none", "model.affine=true"], "model.affine", "model.norm=none"),
     (["trainer.batch_size=1"], "trainer.batch_size", "variance of one sample"),
@@ -64,6 +70,29 @@ def test_bad_override_exits_2_and_writes_nothing(overrides, key, allowed, isolat
     assert result.exit_code == 2, result.output
     assert key in result.output
     assert not (isolated / "outputs").exists()
+
+
+def test_norms_of_each_sample_alone_train_at_batch_size_one() -> None:
+    for norm in ("layer", "none"):
+        assert compose([f"model.norm={norm}", "trainer.batch_size=1"]).trainer.batch_size == 1
+    assert compose(["model=cnn", "model.norm=instance", "trainer.batch_size=1"]).model.norm \
+        == "instance"
+    # a conv net's group norm with fewer channels than groups: one group per channel
+    assert compose(["model=cnn", "model.width=8", "model.norm=group"]).model.norm_groups == 32
+
+
+def test_norm_groups_enter_the_hash_only_for_group_norm() -> None:
+    """Runs from before model.norm_groups existed keep their hash (a rerun finds them), and
+    two group-norm runs with other groups are other runs."""
+    from bnexp.config import config_hash, resolved
+
+    base = compose([])
+    old = resolved(base)
+    del old["model"]["norm_groups"]  # a config written before the key existed
+    assert config_hash(old) == config_hash(base)
+    assert config_hash(compose(["model.norm_groups=4"])) == config_hash(base)
+    g10, g20 = (compose(["model.norm=group", f"model.norm_groups={g}"]) for g in (10, 20))
+    assert config_hash(g10) != config_hash(g20)
 
 
 def test_cuda_without_a_gpu_is_an_error_not_a_cpu_run(isolated: Path) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from bnexp import models
 from bnexp.config import compose
 from bnexp.models import build, norm_layers
 
@@ -97,3 +98,98 @@ def test_resnet_depth_sets_the_number_of_blocks() -> None:
         return sum(isinstance(b, BasicBlock) for b in m.modules())
 
     assert blocks(8) == 3 and blocks(20) == 9
+
+
+# ----------------------------------------------------------------------------- every norm
+
+NORMS_OF = {"mlp": ["batch", "layer", "group", "none"],
+            "cnn": ["batch", "layer", "group", "instance", "none"]}
+
+
+def reference(norm: str, x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """The normalization written out from its definition (biased variance, each group's own
+    mean and variance), without gamma/beta."""
+    n, c = x.shape[:2]
+    if norm == "batch":
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+        return (x - mean) / (var + eps).sqrt()
+    g = {"layer": 1, "instance": c, "group": groups}[norm]
+    z = x.reshape(n, g, -1)
+    z = (z - z.mean(-1, keepdim=True)) / (z.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    return z.reshape(x.shape)
+
+
+def per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, *[1] * (x.dim() - 2))
+
+
+@pytest.mark.parametrize("name,norm", [(n, k) for n, ks in NORMS_OF.items() for k in ks
+                                       if k != "none"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_each_norm_computes_its_definition_forward_and_backward(name: str, norm: str,
+                                                                 affine: bool) -> None:
+    """The first norm layer of a network built with model.norm=NORM against the formula, in
+    float64: train mode, eval mode, and the gradients of the input and of gamma/beta."""
+    torch.manual_seed(0)
+    model = net(name, f"model.norm={norm}", f"model.affine={str(affine).lower()}",
+                "model.width=8" if name == "cnn" else "model.width=100",
+                "model.norm_groups=2", "model.bn_eps=0.001").double()
+    (_, layer), *_ = models.norm_layers(model)
+    shape = (6, 8, 5, 5) if name == "cnn" else (6, 100)
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+    if affine:
+        with torch.no_grad():
+            layer.weight.normal_()
+            layer.bias.normal_()
+    for train in (True, False):
+        layer.train(train)
+        out = layer(x)
+        if norm == "batch" and not train:  # eval mode: the running statistics
+            mean = per_channel(layer.running_mean, x) if x.dim() == 4 else layer.running_mean
+            var = per_channel(layer.running_var, x) if x.dim() == 4 else layer.running_var
+            expect = (x - mean) / (var + 0.001).sqrt()
+        else:
+            expect = reference(norm, x, 2, 0.001)
+        if affine:
+            w, b = layer.weight, layer.bias
+            expect = (expect * (per_channel(w, x) if x.dim() == 4 else w)
+                      + (per_channel(b, x) if x.dim() == 4 else b))
+        assert (out - expect).abs().max().item() < 1e-12, (norm, train)
+        probe = torch.randn_like(out)
+        wrt = [x, *([layer.weight, layer.bias] if affine else [])]
+        got = torch.autograd.grad((out * probe).sum(), wrt)
+        want = torch.autograd.grad((expect * probe).sum(), wrt)
+        for a, b in zip(got, want, strict=True):
+            assert (a - b).abs().max().item() < 1e-10, (norm, train)
+    tracks = [b for n, b in layer.named_buffers() if "running" in n]
+    assert bool(tracks) == (norm == "batch")  # only BN keeps running statistics
+
+
+@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("norm", ["batch", "layer", "group", "instance", "none"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_model_builds_with_every_norm_where_the_catalog_says(name: str, norm: str,
+                                                                   shape) -> None:
+    """Each network with each norm maps images to logits, and its norm layers see the inputs
+    catalog.norm_inputs (what config validation checks) predicts."""
+    from bnexp import catalog
+    from bnexp.config import ConfigError
+
+    overrides = [f"model={name}", *SMALL[name], f"model.norm={norm}", "model.norm_groups=2",
+                 f"data={'mnist5k' if shape[0] == 1 else 'cifar100'}"]
+    if name == "mlp" and norm == "instance":
+        with pytest.raises(ConfigError, match="model.norm: 'instance'.*MLP"):
+            compose(overrides)
+        return
+    cfg = compose(overrides)
+    model = build(cfg.model, shape, SHAPES[shape])
+    seen: list[tuple[int, int]] = []
+    for _, layer in models.norm_layers(model):
+        layer.register_forward_pre_hook(lambda _m, a: seen.append(
+            (a[0].shape[1], a[0].shape[-1] if a[0].dim() == 4 else 1)))
+    assert model(torch.randn(3, *shape)).shape == (3, SHAPES[shape])
+    expected = catalog.norm_inputs(name, cfg.model.depth, cfg.model.width, shape[-1])
+    assert seen == ([] if norm == "none" else expected)
+    kinds = {models.norm_prefix(layer) for _, layer in models.norm_layers(model)}
+    assert kinds == (set() if norm == "none" else {norm[0] + "n" if norm != "batch" else "bn"})

@@ -82,9 +82,9 @@ def test_mode_comparison_reports_bs1_train_mode_as_not_measurable_with_bn() -> N
     assert plain["train_eval_gap"] == 0
 
 
-def test_bn_report_summarizes_every_bn_layer() -> None:
+def test_norm_report_summarizes_every_bn_layer() -> None:
     model = mlp("model.bn_momentum=0.2")
-    rows = probes.bn_report(model)
+    rows = probes.norm_report(model)
     assert len(rows) == 3
     first = rows[0]
     bn = model[1][1]
@@ -92,7 +92,36 @@ def test_bn_report_summarizes_every_bn_layer() -> None:
     assert first["num_batches_tracked"] == 1
     assert first["running_mean"]["max"] == pytest.approx(bn.running_mean.max().item())
     assert first["gamma"]["mean"] == pytest.approx(1.0)
-    assert probes.bn_report(mlp("model.affine=false"))[0]["gamma"] is None
+    assert probes.norm_report(mlp("model.affine=false"))[0]["gamma"] is None
+
+
+@pytest.mark.parametrize("overrides", [["model.norm=layer"],
+                                       ["model.norm=group", "model.norm_groups=10"],
+                                       ["model=cnn", "model.width=4", "model.norm=instance"],
+                                       ["model=cnn", "model.width=4", "model.norm=layer"]])
+def test_probes_of_the_other_norms_report_gamma_beta_and_no_running_statistics(
+        overrides: list[str]) -> None:
+    model = mlp(*overrides)
+    rows = probes.norm_report(model)
+    assert rows and all(r["running_mean"] is None and r["momentum"] is None
+                        and r["num_batches_tracked"] is None for r in rows)
+    layer = dict(model.named_modules())[rows[0]["layer"]]
+    assert rows[0]["gamma"]["max"] == pytest.approx(layer.weight.max().item())
+    tensors = probes.norm_tensors(model)
+    prefix = {"layer": "ln", "group": "gn", "instance": "in"}[
+        next(o for o in overrides if o.startswith("model.norm=")).split("=")[1]]
+    assert set(tensors) == {f"{prefix}{i}/{t}" for i in range(1, len(rows) + 1)
+                            for t in ("gamma", "beta")}
+    assert probes.population_statistics(model, torch.randn(40, 1, 28, 28), lambda t: t) == {}
+    x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    found, notes = probes.mode_comparison(model, x, y, lambda t: t, batch_size=2,
+                                          bs1_samples=10)
+    # each sample normalized on its own: the batch, and the mode, change nothing
+    assert found["train_eval_gap"] == 0 and found["val_acc_train_bs1"] == found[
+        "val_acc_eval_bs1"]
+    assert "each sample's own statistics" in notes["train_eval_gap"]
+    modes, _ = probes.mode_study(model, x, y, lambda t: t, [1, 3, 40])
+    assert modes["modes_train_changed_bs1"] == 0 and modes["modes_train_acc_bs1"] is not None
 
 
 def test_landscape_is_flat_for_a_zero_gradient() -> None:

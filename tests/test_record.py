@@ -111,7 +111,7 @@ def test_inspect_prints_the_bn_layers(bn_and_plain) -> None:
     rows = json.loads(result.output)
     assert len(rows) == 3 and rows[0]["num_batches_tracked"] == 20
     text = runner.invoke(app, ["inspect", str(plain_dir)]).output
-    assert "No BatchNorm layers" in text
+    assert "No norm layers" in text
     assert runner.invoke(app, ["inspect", str(bn_dir / "nope")]).exit_code == 2
 
 

@@ -107,8 +107,13 @@ def test_resume_errors(isolated: Path, reference: Path) -> None:
 
 def test_hard_kills_never_leave_a_half_written_file(isolated: Path) -> None:
     run_dir = isolated / "kill"
+    # 3000 steps: the second start resumes where the first was killed and must still be
+    # training when its own kill comes (with 1000 it sometimes finished first, and the
+    # final resume found a completed run).
+    args = [a for a in RUN if not a.startswith("trainer.steps=")]
     for _ in range(2):
-        proc = start(["train", *RUN, "trainer.checkpoint_every=20", f"hydra.run.dir={run_dir}"])
+        proc = start(["train", *args, "trainer.steps=3000", "trainer.checkpoint_every=20",
+                      f"hydra.run.dir={run_dir}"])
         wait_for(run_dir / "summary.json")
         time.sleep(random.uniform(0.2, 2.0))
         os.killpg(proc.pid, signal.SIGKILL)

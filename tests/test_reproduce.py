@@ -18,7 +18,8 @@ from bnexp.runs import find
 runner = CliRunner()
 GRIDS = {  # jobs per study: the product of its swept values
     "ioffe2015_fig1": 2 * 5, "lr_stability": 9 * 2 * 2 * 5, "affine_ablation": 2 * 2 * 5,
-    "batch_size": 5 * 2 * 5, "bn_position": 2 * 2 * 5, "sigmoid_saturation": 2 * 5,
+    "batch_size": 5 * 4 * 5, "normalizers": 7 * 4 * 5, "bn_position": 2 * 2 * 5,
+    "sigmoid_saturation": 2 * 5,
     "santurkar2018_vgg": 2 * 2 * 5, "input_normalization": 3 * 2 * 6 * 5,
     "train_eval_modes": 5,
 }
@@ -291,3 +292,25 @@ def test_an_unknown_input_scaling_is_a_clear_error() -> None:
     assert "data.inputs" in bad.output and "mismatched" in bad.output
     old = runner.invoke(app, ["train", "data.normalize=false"])
     assert old.exit_code == 2 and "data.inputs=unit" in old.output
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs" / "experiment"
+                                         ).glob("*_paper.yaml")), ids=lambda p: p.stem)
+def test_a_paper_scale_study_trains_the_model_and_data_it_names(path: Path) -> None:
+    """A paper config's `override /model: X` must give model X: the CPU study's own
+    `model: {name: mlp}` used to win, and the paper scale trained an MLP on CIFAR."""
+    import yaml
+
+    from bnexp.config import compose
+
+    defaults = yaml.safe_load(path.read_text()).get("defaults", [])
+    overrides = {k.removeprefix("override /"): v for d in defaults if isinstance(d, dict)
+                 for k, v in d.items()}
+    cfg = compose([f"experiment={path.stem}"])
+    if "model" in overrides:
+        assert cfg.model.name == overrides["model"]
+        group = yaml.safe_load((path.parent.parent / "model" / f"{overrides['model']}.yaml"
+                                ).read_text())
+        assert (cfg.model.depth, cfg.model.width) == (group["depth"], group["width"])
+    if "data" in overrides:
+        assert cfg.data.name == overrides["data"]

@@ -101,6 +101,29 @@ def test_stack_equals_single_runs_for_adam_convnets_and_init(
         assert stacked["env"]["training_step"] == "eager"  # no CUDA graph on a CPU
 
 
+@pytest.mark.parametrize("common", [
+    ["model.norm=layer"], ["model.norm=group", "model.norm_groups=10"],
+    ["model.norm=layer", "model.affine=false", "model.norm_position=after_act"],
+    ["model=cnn", "model.width=4", "model.norm=group", "model.norm_groups=2"],
+    ["model=cnn", "model.width=4", "model.norm=layer"],
+    ["model=cnn", "model.width=4", "model.norm=instance"],
+], ids=["mlp-layer", "mlp-group", "mlp-layer-plain-after", "cnn-group", "cnn-layer",
+        "cnn-instance"])
+def test_stack_equals_single_runs_for_every_norm(tmp_path: Path, common: list[str]) -> None:
+    variants = [["optim.lr=0.05", "seed=0"], ["optim.lr=0.2", "seed=1", "optim.momentum=0.5"]]
+    conv = "model=cnn" in common
+    common = [*common, f"trainer.steps={6 if conv else 20}",
+              *(["trainer.batch_size=8", "trainer.diagnostics=false"] if conv else [])]
+    for stacked, alone, sdir, adir in stacked_and_alone(tmp_path, variants, common):
+        assert stacked["status"] == alone["status"] == "completed"
+        assert max_difference(final_state(sdir), final_state(adir)) <= 1e-10, common
+        ms, ma = stacked["metrics"], alone["metrics"]
+        for key in ("final_val_acc", "val_acc_eval_mode", "val_acc_train_mode"):
+            assert ms[key] == ma[key], key
+        # a norm of each sample alone: train and eval mode compute the same function
+        assert ms["train_eval_gap"] == 0
+
+
 def as_interrupted(run_dir: Path) -> None:
     """What an interruption right after the step-10 checkpoint leaves: that checkpoint and an
     interrupted summary (bnexp refuses to resume a completed run)."""
