@@ -578,30 +578,35 @@ def _check_norm(m: DictConfig, side: int) -> None:
                    "positions; an MLP's features have none, so every value would be its own "
                    "mean. Use a conv net (model=cnn, vgg or resnet), or model.norm=layer.")
     shapes = catalog.norm_inputs(m.name, m.depth, m.width, side)
-    channels = sorted({c for c, _ in shapes})
-    if m.norm == "group":
-        bad = [c for c in channels if c % catalog.norm_groups("group", m.norm_groups, c)]
-        if bad:
-            fits = [g for g in range(1, channels[-1] + 1)
-                    if all(c < g or c % g == 0 for c in channels)]
-            raise fail("model.norm_groups", m.norm_groups, "a number of groups that divides "
-                       "every layer's channels: " + ", ".join(map(str, fits)) + " (or more "
-                       f"than {channels[-1]}: one group per channel)",
-                       f"model={m.name} with width {m.width} has layers of "
-                       f"{', '.join(map(str, channels))} "
-                       f"{'features' if m.name == 'mlp' else 'channels'}; {bad[0]} cannot be "
-                       f"split into {m.norm_groups} equal groups.")
-    for c, s in shapes:
-        groups = catalog.norm_groups(m.norm, m.norm_groups, c)
-        if c // groups * s * s < 2:
-            key, value = ("model.norm_groups", m.norm_groups) if m.norm == "group" else (
-                "model.norm", m.norm)
-            where = (f"{c} features" if m.name == "mlp" else
-                     f"{c} channels of {s}x{s} maps")
-            raise fail(key, value, "a setting whose groups hold at least 2 values" + (
-                f" (model.norm_groups <= {c // 2} here)" if m.norm == "group" else ""),
-                f"A layer of {where} in {groups} groups normalizes each value by itself: its "
-                "variance is zero and the layer would output beta alone.")
+    unit = "features" if m.name == "mlp" else "channels"
+
+    def problem(groups: int) -> str | None:
+        """Why `groups` (model.norm_groups, or the norm's own grouping) cannot be built."""
+        for c, s in shapes:
+            g = catalog.norm_groups(m.norm, groups, c)
+            if c % g:
+                return f"{c} {unit} cannot be split into {g} equal groups"
+            if c // g * s * s < 2:
+                where = f"{c} features" if m.name == "mlp" else f"{c} channels of {s}x{s} maps"
+                return (f"a layer of {where} in {g} groups normalizes each value by itself: "
+                        "its variance is zero and the layer would output beta alone")
+        return None
+
+    why = problem(m.norm_groups)
+    if why is None:
+        return
+    layers = ", ".join(map(str, sorted({c for c, _ in shapes})))
+    if m.norm != "group":
+        raise fail("model.norm", m.norm, "a norm whose groups hold at least 2 values here",
+                   f"model={m.name} has layers of {layers} {unit}; {why}.")
+    widest = max(c for c, _ in shapes)
+    fits = [g for g in range(1, widest + 1) if problem(g) is None]
+    more = problem(widest + 1) is None  # one group per channel in every layer
+    allowed = ("one of " + ", ".join(map(str, fits))
+               + (f" (or more than {widest}: one group per channel)" if more else "")
+               if fits else "none: no number of groups fits this network")
+    raise fail("model.norm_groups", m.norm_groups, allowed,
+               f"model={m.name} with width {m.width} has layers of {layers} {unit}; {why}.")
 
 
 def resolved(cfg: DictConfig) -> dict:

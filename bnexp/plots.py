@@ -391,3 +391,44 @@ def running_statistics_figure(runs: list[Run]) -> Any:
     _finish(ax, "BN layer", "RMS over features",
             "running statistics vs population statistics of each BN input")
     return fig
+
+
+NORM_NAMES = {"batch": "BatchNorm", "layer": "LayerNorm", "group": "GroupNorm",
+              "instance": "InstanceNorm", "none": "no norm"}
+
+
+def batch_size_figure(runs: list[Run]) -> Any:
+    """Wu & He 2018, Figure 1, measured: final val accuracy against the training batch size,
+    one line per norm (eval mode, seed mean ± std), and BN's train-mode accuracy dashed, so
+    the gap between BN's two modes at tiny batches shows beside the other norms' flat lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    norms = [n for n in NORM_NAMES if any(r.config.get("model.norm") == n for r in runs)]
+    sizes = sorted({r.config["trainer.batch_size"] for r in runs})
+    for colour, norm in enumerate(norms):
+        mine = [r for r in runs if r.config.get("model.norm") == norm]
+        for key, suffix, style in (("final_val_acc", "", "-"),
+                                   ("val_acc_train_mode", ", train mode (batch statistics)",
+                                    "--")):
+            if key == "val_acc_train_mode" and norm != "batch":
+                continue  # the other norms compute the same function in both modes
+            xs, means, stds = [], [], []
+            for size in sizes:
+                mean, std, n = metrics.mean_std([r.metrics.get(key) for r in mine
+                                                 if r.config["trainer.batch_size"] == size])
+                if n:
+                    xs.append(size)
+                    means.append(mean)
+                    stds.append(std)
+            if xs:
+                _band(ax, xs, means, stds, NORM_NAMES[norm] + suffix)
+                line = ax.lines[-1]
+                line.set_linestyle(style)
+                line.set_color(f"C{colour}")  # one colour per norm, both of BN's modes
+                ax.collections[-1].set_color(f"C{colour}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_ylim(0, 1)
+    _finish(ax, "training batch size (LR scaled linearly)", "final val accuracy (eval mode)",
+            "accuracy against the batch size, by norm (mean ± std over seeds)")
+    return fig

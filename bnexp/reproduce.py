@@ -61,6 +61,8 @@ def figures(base: str, results: list[Run], out: Path) -> list[Path]:
         figs["layer_gradients"] = plots.layer_gradient_figure(results)
     if base == "input_normalization":
         figs["loss_curves"] = plots.loss_curves_figure(results)
+    if base == "batch_size":
+        figs["acc_vs_batch_size"] = plots.batch_size_figure(results)
     if base == "train_eval_modes":
         figs["modes_vs_batch_size"] = plots.modes_figure(results)
         figs["running_statistics"] = plots.running_statistics_figure(results)

@@ -119,6 +119,21 @@ def equivalent(effect: Effect, margin: float) -> str:
     return UNSURE
 
 
+def noninferior(effect: Effect, margin: float) -> str:
+    """x is worse than y by no more than margin (a difference x − y): holds when the whole
+    interval lies above −margin, does not hold when it lies wholly below it, inconclusive
+    otherwise. Being better is no failure: the claim is "does not fall", not "stays equal"."""
+    if effect.kind != "difference":
+        raise ValueError("non-inferiority is decided on differences")
+    if effect.low is None or effect.high is None:
+        return UNSURE
+    if effect.low > -margin:
+        return HOLDS
+    if effect.high < -margin:
+        return FAILS
+    return UNSURE
+
+
 def below(values: list[float], bound: float) -> tuple[str, float | None, float | None]:
     """The mean of values is below bound (one variant against a fixed level, e.g. a relative
     error against a tolerance): the verdict and the interval."""

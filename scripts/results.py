@@ -28,11 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 from bnexp.studies import RULES, STUDIES  # noqa: E402
 
-CPU_STUDIES = ["ioffe2015_fig1", "lr_stability", "affine_ablation", "batch_size", "bn_position",
-               "sigmoid_saturation", "input_normalization", "train_eval_modes"]
+CPU_STUDIES = ["ioffe2015_fig1", "lr_stability", "affine_ablation", "batch_size", "normalizers",
+               "bn_position", "sigmoid_saturation", "input_normalization", "train_eval_modes"]
 FIGURES = {  # study -> figures shown on the page
     "ioffe2015_fig1": ["percentiles", "val_acc_curves"],
     "lr_stability": ["acc_vs_lr", "divergence_heatmap"],
+    "batch_size": ["acc_vs_batch_size"],
+    "normalizers": ["acc_vs_lr", "val_acc_curves"],
     "sigmoid_saturation": ["layer_gradients"],
     "input_normalization": ["loss_curves", "acc_vs_lr"],
     "train_eval_modes": ["modes_vs_batch_size", "running_statistics"],
@@ -133,7 +135,8 @@ def main() -> None:
         "Every CPU-sized study as run on this project's machine (2 CPU cores, "
         f"{platform.python_implementation()} {platform.python_version()}, torch "
         f"{torch.__version__}, CPU only) on the bundled `mnist5k` data (4,000 training and "
-        f"1,000 validation digits), on {datetime.date.today():%Y-%m-%d}. All eight studies "
+        f"1,000 validation digits), on {datetime.date.today():%Y-%m-%d}. All "
+        f"{len(CPU_STUDIES)} studies "
         f"together took {total / 60:.1f} minutes (each study as `bnexp reproduce NAME`, "
         "whole commands, seeds of a variant trained as one vectorized stack). The page is "
         "written by `python scripts/results.py` from each study's `verdicts.json`; each "

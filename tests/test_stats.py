@@ -83,6 +83,21 @@ def test_equivalence_rule(x, y, verdict) -> None:
     assert stats.equivalent(effect, 0.01) == verdict
 
 
+@pytest.mark.parametrize("x,y,verdict", [
+    ([0.950, 0.951, 0.949, 0.952], [0.948, 0.950, 0.949, 0.950], stats.HOLDS),
+    # clearly better: no equivalence, but it did not fall, which is all the claim says
+    ([0.95, 0.96, 0.955, 0.951], [0.90, 0.91, 0.905, 0.902], stats.HOLDS),
+    ([0.90, 0.91, 0.905, 0.902], [0.95, 0.96, 0.955, 0.951], stats.FAILS),
+    ([0.95, 0.91, 0.96, 0.92], [0.94, 0.95, 0.93, 0.95], stats.UNSURE),  # reaches below -0.01
+    ([0.95], [0.90], stats.UNSURE),
+])
+def test_noninferiority_rule(x, y, verdict) -> None:
+    effect = stats.paired(dict(enumerate(x)), dict(enumerate(y)))
+    assert stats.noninferior(effect, 0.01) == verdict
+    if verdict == stats.HOLDS and effect.estimate > 0.02:
+        assert stats.equivalent(effect, 0.01) == stats.FAILS  # the two rules part here
+
+
 def test_below_a_tolerance() -> None:
     assert stats.below([0.01, 0.02, 0.015], 0.1)[0] == stats.HOLDS
     assert stats.below([0.3, 0.32, 0.31], 0.1)[0] == stats.FAILS
