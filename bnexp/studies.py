@@ -125,6 +125,17 @@ def best_lr(runs: Sequence[Run], value: Callable[[Run], float | None]) -> float 
     return max(means, key=lambda lr: (means[lr], -lr)) if means else None
 
 
+def grid_edge(runs: Sequence[Run], lr: float | None, label: str) -> str:
+    """A warning when a variant's best LR is the smallest or largest of its grid: its optimum
+    may lie beyond, and a comparison "at its best LR" is then only at the best LR tried."""
+    grid = lrs(runs)
+    if lr is None or len(grid) < 2 or lr not in (grid[0], grid[-1]):
+        return ""
+    end = "smallest" if lr == grid[0] else "largest"
+    return (f"{label}'s best LR {lr:g} is the {end} of the grid: its optimum may lie beyond "
+            "it (extend optim.lr)")
+
+
 def budget(run: Run) -> int:
     """The run's planned steps (a diverged run stops before them)."""
     return int(run.metrics.get("total_steps") or run.config.get("trainer.steps")
@@ -494,6 +505,10 @@ def normalizer_claims(runs: list[Run]) -> list[Verdict]:
         a, b = pick(mine, lr=lr), pick(plain, lr=plain_lr)
         found = convergence_claims(a, b, label, "no norm", f"normalizers.{norm}.convergence",
                                    f"{label} (at its best lr {lr:g}; no norm at {plain_lr:g})")
+        edge = "; ".join(filter(None, (grid_edge(mine, lr, label),
+                                       grid_edge(plain, plain_lr, "no norm"))))
+        for v in found:
+            v.reason = "; ".join(filter(None, (v.reason, edge)))
         out += found
         out += stability_claims(mine, plain, label, "no norm", f"normalizers.{norm}.stability",
                                 label)
@@ -567,6 +582,8 @@ def input_claims(runs: list[Run]) -> list[Verdict]:
         if v.verdict != HOLDS and a_lr != b_lr:
             v.reason = (f"the {other} inputs moved the best LR from {a_lr:g} to {b_lr:g}; at "
                         f"its own best LR the {other} net is not slower here")
+        v.reason = "; ".join(filter(None, (v.reason, grid_edge(std_plain, a_lr, "standardized"),
+                                           grid_edge(plain, b_lr, other))))
         out.append(v)
         out += stability_claims(std_plain, plain, "standardized", other,
                                 f"inputs.{other}", f"Without BN, standardized input (vs "

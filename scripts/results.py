@@ -55,8 +55,20 @@ NOTES = {  # why a result here differs from the paper, or what it means; no numb
         "tell; the verdict says which."),
     "batch_size": (
         "The direction of Wu & He's Figure 1, and sharper: running statistics estimated from "
-        "pairs of samples do not describe what the network saw in training, so eval-mode "
-        "accuracy collapses at batch 2 while the plain net is fine."),
+        "pairs of samples do not describe what the network saw in training, so BN's eval-mode "
+        "accuracy collapses at batch 2, while GroupNorm and LayerNorm, which normalize each "
+        "sample alone, keep their accuracy and compute the same function in both modes, as "
+        "Wu & He report for GN. At the large-batch end the linearly scaled LR is the largest "
+        "of the study and two epochs are few steps: there the plain net fails and GN and LN "
+        "lose accuracy while BN does not, which measures stability at a large LR (the "
+        "`normalizers` study), not batch statistics."),
+    "normalizers": (
+        "Each norm beats no normalization on speed at its own best LR and trains at larger "
+        "LRs, as the family's papers claim, but not equally: BN is the fastest and the most "
+        "LR-tolerant, LayerNorm and GroupNorm lie between BN and the plain net and train best "
+        "at smaller LRs than BN. This agrees with Wu & He, who find GN slightly behind BN at "
+        "normal batch sizes; the per-sample norms earn their place at tiny batches "
+        "(`batch_size`), not here."),
     "bn_position": (
         "For ReLU the position matters little. For sigmoid, BN after the activation trains "
         "clearly better here, against the paper's choice of normalizing before it: after "

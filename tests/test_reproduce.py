@@ -383,3 +383,13 @@ def test_tiny_normalizers_study_judges_each_norm_against_none(isolated: Path) ->
         assert any(i.startswith(f"normalizers.{norm}.stability") for i in ids), ids
     assert all(c["n"] == 2 for c in body["claims"]), [(c["id"], c["n"]) for c in body["claims"]]
     assert (study_dir / "plots" / "acc_vs_lr.png").is_file()
+
+
+def test_a_best_lr_at_the_edge_of_the_grid_is_named(tmp_path: Path) -> None:
+    runs = lr_grid(tmp_path, {("layer", lr): [0.9 - lr / 10] * 3 for lr in (0.01, 0.1, 1)}
+                   | {("none", lr): [0.8 + lr / 10] * 3 for lr in (0.01, 0.1, 1)})
+    layer, plain = studies.pick(runs, norm="layer"), studies.pick(runs, norm="none")
+    acc = studies.metric("final_val_acc")
+    assert "smallest of the grid" in studies.grid_edge(layer, studies.best_lr(layer, acc), "LN")
+    assert "largest" in studies.grid_edge(plain, studies.best_lr(plain, acc), "no norm")
+    assert studies.grid_edge(layer, 0.1, "LN") == ""
