@@ -155,6 +155,31 @@ def test_a_vectorized_stack_on_the_gpu_equals_single_gpu_runs_in_float64(
     assert worst <= 1e-10
 
 
+@pytest.mark.parametrize("norm", ["model.norm=layer", "model.norm=group",
+                                  "model.norm=instance"])
+def test_a_captured_stack_of_every_other_norm_equals_single_gpu_runs_in_float64(
+        tmp_path: Path, norm: str) -> None:
+    """Layer, group and instance norm of a CNN (vmap over their per-sample statistics) in the
+    stack's CUDA graph against each model trained alone on the GPU."""
+    common = [*F64, "device=cuda", "model=cnn", "model.width=8", "model.norm_groups=4", norm,
+              "trainer.steps=20", "trainer.batch_size=16"]
+    cfgs = [compose([*common, f"optim.lr={lr}", f"seed={seed}"])
+            for seed, lr in enumerate((0.05, 0.2))]
+    dirs = [tmp_path / f"stacked{i}" for i in range(len(cfgs))]
+    stacked = loop.train(cfgs, dirs, kind="stack")
+    assert stacked[0]["env"]["training_step"] == "cuda graph"
+    worst = 0.0
+    for i, cfg in enumerate(cfgs):
+        alone = loop.train([cfg], [tmp_path / f"alone{i}"])[0]
+        assert stacked[i]["status"] == alone["status"] == "completed"
+        assert stacked[i]["metrics"]["train_eval_gap"] == 0  # no batch statistics
+        worst = max(worst, max_difference(final_state(dirs[i]),
+                                          final_state(tmp_path / f"alone{i}")))
+    report(f"{norm}: captured CNN stack vs alone on the GPU, float64, max weight difference",
+           worst)
+    assert worst <= 1e-10
+
+
 def test_bf16_channels_last_cnn_with_gpu_augmentation_learns_like_fp32(tmp_path: Path) -> None:
     """bf16 autocast against fp32, two seeds each (single short runs differ by several
     points from seed to seed). The bf16 runs train as a stack of one, captured (no vmap, whose
