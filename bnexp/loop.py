@@ -59,6 +59,25 @@ class Loop:
                          s.correct[k].clone(), self.window_steps,
                          s.grad_norms[:, k].contiguous().clone())
 
+    def evaluate(self) -> None:
+        """Every live run's evaluation: a stack's in one batched pass, shared out."""
+        live = self.live_runs()
+        start = time.perf_counter()
+        found = self.steps.evaluate([k for k, _ in live])
+        seconds = time.perf_counter() - start  # each model's evaluation took this long
+        for k, run in live:
+            run.evaluate_and_log(None if found is None else (*found[k], seconds))
+
+    def mode_comparisons(self, statuses: list[str]) -> dict[int, tuple[dict, dict]]:
+        """The final train/eval-mode comparison of a stack's live models in one batched pass
+        (the finish of each run takes its own); {} where each run compares itself."""
+        ks = [k for k in range(len(self.runs)) if self.live[k] and statuses[k] == "completed"]
+        if not isinstance(self.steps, Stack) or not ks:
+            return {}
+        lead = self.runs[ks[0]]
+        return self.steps.mode_comparisons(
+            ks, self.trainer.batch_size, 100 if lead.trainer.diagnostics != "off" else 0)
+
     def fit(self, stop: interrupt.StopFlag) -> None:
         """Train to the step budget, or until every run diverged or a stop signal came."""
         trainer, s = self.trainer, self.steps
@@ -97,8 +116,7 @@ class Loop:
                 self.window_steps, self.off_clock = 0, 0.0
                 window_start = time.perf_counter()
             if step % trainer.eval_every == 0 or last:
-                for _, run in self.live_runs():
-                    self.off(run.evaluate_and_log)
+                self.off(self.evaluate)
                 if len(self.runs) > 1:
                     best = max((run.history.val_acc[-1][1] for _, run in self.live_runs()
                                 if run.history.val_acc), default=float("nan"))
@@ -147,13 +165,16 @@ def train(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path],
         keep_traceback(list(run_dirs))
     summaries = []
     try:
-        for k, run in enumerate(runs):
-            status = "diverged" if run.history.diverged_at_step is not None else ended
+        statuses = ["diverged" if run.history.diverged_at_step is not None else ended
+                    for run in runs]
+        modes = loop.mode_comparisons(statuses) if loop else {}
+        for k, (run, status) in enumerate(zip(runs, statuses)):
             run.env["training_step"] = loop.steps.description if loop else "eager"
             # A finish that cannot write (a full disk) raises: the task's one paragraph says so.
             summaries.append(run.finish(status, loop.state(k) if loop else None,
                                         error if status == "failed" else None,
-                                        notes if status == "interrupted" else {}))
+                                        notes if status == "interrupted" else {},
+                                        modes.get(k)))
     except Exception as exc:
         # After a stop signal, the task takes an error for a stop during set-up and removes
         # what the run wrote; these runs trained, and their files must stay.

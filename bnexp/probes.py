@@ -170,69 +170,110 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs, batch_s
 
 def accuracy_one_by_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
                         train_mode: bool = False) -> float:
-    """Accuracy with every sample its own batch of one: torch.func.vmap runs the model on each
-    [1, ...] sample in one batched call (100 calls one after the other took 8x as long for
-    the MLP: docs/performance.md). A model vmap cannot run falls back to the calls."""
-    from torch.func import functional_call, vmap
+    """Accuracy with every sample its own batch of one (see ModelPredictor); a model vmap
+    cannot run falls back to one call per sample."""
+    with untouched(model, parameters=False), torch.no_grad():
+        try:
+            logits = ModelPredictor(model).logits_one_by_one(inputs(x), train_mode)[0]
+        except RuntimeError:
+            return accuracy(model, x, y, inputs, 1, train_mode=train_mode)
+    return (logits.argmax(1) == y).sum().item() / len(y)
 
-    with untouched(model, parameters=False):
+
+class ModelPredictor:
+    """One model's logits as a stack of one (1 x B x classes), for mode_comparisons. Its
+    running statistics stay as they are: use it inside untouched(model)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.k = model, 1
+        self.has_bn, self.has_norm = depends_on_batch(model), bool(norm_layers(model))
+
+    def logits(self, x: torch.Tensor, train_mode: bool) -> torch.Tensor:
+        self.model.train(train_mode)
+        return self.model(x)[None]
+
+    def logits_one_by_one(self, x: torch.Tensor, train_mode: bool) -> torch.Tensor:
+        """Every sample its own batch of one, in one vmap call (100 calls took 8x as long for
+        the MLP: docs/performance.md)."""
+        from torch.func import functional_call, vmap
+
+        model = self.model
         model.train(train_mode)
         state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
         def one(sample: torch.Tensor) -> torch.Tensor:
             return functional_call(model, state, (sample[None],))[0]
 
+        return vmap(one)(x)[None]
+
+
+@torch.no_grad()
+def mode_comparisons(models, x: torch.Tensor, y: torch.Tensor, inputs, batch_size: int,
+                     bs1_samples: int = 100) -> list[tuple[dict, dict]]:
+    """BN's two behaviours side by side for each of `models.k` models (a ModelPredictor, or a
+    stack's, which runs all its models in each call): accuracy in eval mode (running
+    statistics) and in train mode (each batch's statistics, batches of batch_size), plus
+    evaluation one sample at a time on the first bs1_samples of the (shuffled) split;
+    bs1_samples=0 skips that. Running statistics are left as they were."""
+    # A fixed shuffle: train-mode batches must not inherit any ordering of the split by class.
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
+    x, y = x[order], y[order]
+
+    def accuracy_of(slices: list[slice], train_mode: bool) -> list[float]:
+        hits = torch.zeros(models.k, dtype=torch.long, device=y.device)
+        for s in slices:
+            hits += (models.logits(inputs(x[s]), train_mode).argmax(-1) == y[s]).sum(-1)
+        return (hits.double() / sum(sl.stop - sl.start for sl in slices)).tolist()
+
+    eval_acc = accuracy_of(_chunks(len(y), 1000), False)
+    train_acc = accuracy_of(_chunks(len(y), batch_size), True)
+    n1 = min(bs1_samples, len(y))
+    outs = [{"val_acc_eval_mode": e, "val_acc_train_mode": t, "train_eval_gap": e - t,
+             "val_acc_eval_bs1": None, "bs1_samples": n1, "val_acc_train_bs1": None}
+            for e, t in zip(eval_acc, train_acc)]
+    notes: dict[str, str] = {}
+    if n1 == 0:
+        notes["val_acc_eval_bs1"] = "skipped: trainer.diagnostics=off"
+        return [(out, dict(notes)) for out in outs]
+
+    def one_by_one(train_mode: bool) -> list[float]:
         try:
-            with torch.no_grad():
-                hits = (vmap(one)(inputs(x)).argmax(1) == y).sum().item()
-        except RuntimeError:
-            return accuracy(model, x, y, inputs, 1, train_mode=train_mode)
-    return hits / len(y)
+            logits = models.logits_one_by_one(inputs(x[:n1]), train_mode)
+        except RuntimeError:  # a model vmap cannot run: one call per sample
+            logits = torch.cat([models.logits(inputs(x[i : i + 1]), train_mode)
+                                for i in range(n1)], dim=1)
+        return ((logits.argmax(-1) == y[:n1]).double().sum(-1) / n1).tolist()
+
+    for out, acc in zip(outs, one_by_one(False)):
+        out["val_acc_eval_bs1"] = acc
+    if models.has_bn:
+        try:  # BN's buffers update in place in train mode, which vmap refuses: calls
+            for out, acc in zip(outs, accuracy_of(_chunks(n1, 1), True)):
+                out["val_acc_train_bs1"] = acc
+        except ValueError as exc:
+            notes["val_acc_train_bs1"] = (
+                "not measurable: BatchNorm in train mode normalizes each feature over the "
+                "batch, and a batch of one sample has zero variance per feature, so PyTorch "
+                f"refuses it ({str(exc).splitlines()[0]}). In eval mode BN uses its running "
+                "statistics and batch size 1 is fine (val_acc_eval_bs1).")
+    else:
+        # Without BN a batch of one in train mode is batched like eval mode's.
+        for out, acc in zip(outs, one_by_one(True)):
+            out["val_acc_train_bs1"] = acc
+        notes["train_eval_gap"] = ("no BN layers: train and eval mode compute the same "
+                                   "function" + (" (layer, group and instance norm use each "
+                                                 "sample's own statistics in both)"
+                                                 if models.has_norm else ""))
+    return [(out, dict(notes)) for out in outs]
 
 
 def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
                     batch_size: int, bs1_samples: int = 100) -> tuple[dict, dict]:
-    """BN's two behaviours side by side, plus evaluation one sample at a time on the first
-    bs1_samples of the (shuffled) split; bs1_samples=0 skips that."""
-    has_bn = depends_on_batch(model)
-    # A fixed shuffle: train-mode batches must not inherit any ordering of the split by class.
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
-    x, y = x[order], y[order]
-    eval_acc = accuracy(model, x, y, inputs, 1000, train_mode=False)
-    train_acc = accuracy(model, x, y, inputs, batch_size, train_mode=True)
-    n1 = min(bs1_samples, len(y))
-    out = {
-        "val_acc_eval_mode": eval_acc,
-        "val_acc_train_mode": train_acc,
-        "train_eval_gap": eval_acc - train_acc,
-        "val_acc_eval_bs1": None,
-        "bs1_samples": n1,
-        "val_acc_train_bs1": None,
-    }
-    notes = {}
-    if n1 == 0:
-        notes["val_acc_eval_bs1"] = "skipped: trainer.diagnostics=off"
-        return out, notes
-    out["val_acc_eval_bs1"] = accuracy_one_by_one(model, x[:n1], y[:n1], inputs)
-    try:
-        # Without BN a batch of one in train mode is batched like eval mode's; BN's buffers
-        # update in place, which vmap refuses, so BN models take the calls one by one.
-        out["val_acc_train_bs1"] = (
-            accuracy(model, x[:n1], y[:n1], inputs, 1, train_mode=True) if has_bn
-            else accuracy_one_by_one(model, x[:n1], y[:n1], inputs, train_mode=True))
-    except ValueError as exc:
-        notes["val_acc_train_bs1"] = (
-            "not measurable: BatchNorm in train mode normalizes each feature over the batch, "
-            "and a batch of one sample has zero variance per feature, so PyTorch refuses it "
-            f"({str(exc).splitlines()[0]}). In eval mode BN uses its running statistics and "
-            "batch size 1 is fine (val_acc_eval_bs1)."
-        )
-    if not has_bn:
-        notes["train_eval_gap"] = ("no BN layers: train and eval mode compute the same "
-                                   "function" + (" (layer, group and instance norm use each "
-                                                 "sample's own statistics in both)"
-                                                 if norm_layers(model) else ""))
-    return out, notes
+    """mode_comparisons of one model."""
+    with untouched(model, parameters=False):
+        [found] = mode_comparisons(ModelPredictor(model), x, y, inputs, batch_size,
+                                   bs1_samples)
+    return found
 
 
 @torch.no_grad()

@@ -326,13 +326,20 @@ class Run:
             return False
         return True
 
-    def evaluate_and_log(self) -> None:
-        ready = self.x_val is not None
-        start = time.perf_counter()
-        loss, acc = evaluate(self.model, self.x_val if ready else self.ds.x_val, self.ds.y_val,
-                             None if ready else self.inputs, self.eval_batch_size)
+    def evaluate_and_log(self, found: tuple[float, float, float] | None = None) -> None:
+        """Evaluate and record; found: (loss, accuracy, seconds) of an evaluation the run's
+        stack did for all its models at once."""
+        if found is None:
+            ready = self.x_val is not None
+            start = time.perf_counter()
+            loss, acc = evaluate(self.model, self.x_val if ready else self.ds.x_val,
+                                 self.ds.y_val, None if ready else self.inputs,
+                                 self.eval_batch_size)
+            seconds = time.perf_counter() - start
+        else:
+            loss, acc, seconds = found
         h = self.history
-        h.eval_seconds += time.perf_counter() - start
+        h.eval_seconds += seconds
         h.val_loss.append((self.step, loss))
         h.val_acc.append((self.step, acc))
         h.val_wall.append((self.step, time.perf_counter() - self.started))
@@ -389,15 +396,16 @@ class Run:
     # ------------------------------------------------------------------ the end
 
     def finish(self, status: str, state: StepState | None, error: str | None = None,
-               notes: dict | None = None) -> dict:
+               notes: dict | None = None, modes: tuple[dict, dict] | None = None) -> dict:
         """Write what a run ends with: checkpoint, summary metrics, final evaluations in both
         BN modes, HParams, summary.json. Returns the summary as read back from disk. state:
-        the step's, None when the step never existed (its set-up failed)."""
+        the step's, None when the step never existed (its set-up failed); modes: the
+        train/eval-mode comparison its stack made for all its models at once."""
         with interrupt.deferred():  # a second Ctrl-C must not cut the results in half
-            return self._finish(status, state, error, dict(notes or {}))
+            return self._finish(status, state, error, dict(notes or {}), modes)
 
     def _finish(self, status: str, state: StepState | None, error: str | None,
-                notes: dict) -> dict:
+                notes: dict, modes: tuple[dict, dict] | None) -> dict:
         cfg, run_dir = self.cfg, self.run_dir
         if state is not None and (status == "interrupted"
                                   or (status == "failed" and cfg.trainer.checkpoint_every)):
@@ -415,15 +423,15 @@ class Run:
         summary["setup_seconds"] = None if self.resumed else self.setup_seconds
         if status in ("completed", "diverged"):
             ds = self.ds
-            modes, found = probes.mode_comparison(
+            compared, found = modes or probes.mode_comparison(
                 self.model, ds.x_val, ds.y_val, self.inputs, cfg.trainer.batch_size,
                 bs1_samples=100 if self.trainer.diagnostics != "off" else 0)
-            summary.update(modes)
+            summary.update(compared)
             notes.update(found)
             if cfg.trainer.mode_batch_sizes:
-                modes, found = probes.mode_study(self.model, ds.x_val, ds.y_val, self.inputs,
+                study, found = probes.mode_study(self.model, ds.x_val, ds.y_val, self.inputs,
                                                  list(cfg.trainer.mode_batch_sizes))
-                summary.update(modes)
+                summary.update(study)
                 notes.update(found)
                 summary.update(probes.population_statistics(self.model, ds.x_train,
                                                             self.inputs))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from bnexp import data
 from bnexp.config import NOT_A_VARIANT, TrainerConfig, resolved
 from bnexp.optim import Layout, Optimizer
 
@@ -47,6 +48,11 @@ GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph captu
 # Steps unrolled into one CUDA graph: one replay launches them all, so the host's own per-step
 # cost is paid once per GRAPH_STEPS (docs/performance.md).
 GRAPH_STEPS = 16
+# A stack evaluates all its models in one vmap call per batch on an accelerator, where kernel
+# launches dominate. On a CPU that was slower than one model at a time (32 MLPs: 100-140 ms
+# against 81 ms; 8 CNNs: 1.4-5.7 s against 1.0 s; docs/performance.md): there each model
+# evaluates itself. Tests switch it on to check the batched path against the models alone.
+BATCHED_EVALUATION_ON_CPU = False
 
 
 # ----------------------------------------------------------------------------- which step
@@ -276,6 +282,10 @@ class Eager:
     def optimizer_state(self, k: int) -> dict:
         return self.optimizer.state_dict(0, self.step, self.lrs[self.step])
 
+    def evaluate(self, ks: Sequence[int]) -> None:
+        """One model: the run evaluates itself (bnexp.run.evaluate)."""
+        return None
+
 
 # ----------------------------------------------------------------------------- stack
 
@@ -316,6 +326,7 @@ class Stack:
             return forward({n: p[0] for n, p in params.items()},
                            {n: b[0] for n, b in buffers.items()}, x[0])[None]
 
+        self.functional = forward  # one model, for the batched evaluations below
         self.forward = alone if self.k == 1 else torch.func.vmap(forward)
         # trainer.compile=on: torch.compile fuses the forward's kernels, and so its backward's
         # (inside the captured graph on a GPU). Stacks of several models stay uncompiled.
@@ -354,6 +365,8 @@ class Stack:
         # runs of steps at once.
         self.capture = capturable(r0.cfg, self.device)
         self.graph_steps = graph_steps(r0.trainer.log_every)
+        self.batched_evaluation = self.k > 1 and (self.device.type != "cpu"
+                                                  or BATCHED_EVALUATION_ON_CPU)
 
     @property
     def description(self) -> str:
@@ -460,6 +473,53 @@ class Stack:
             self.step_on_device.add_(1)
             self.position.add_(1)
 
+    # ------------------------------------------------------------------ all models at once
+
+    def predictor(self) -> StackPredictor:
+        return StackPredictor(self)
+
+    @torch.inference_mode()
+    def evaluate(self, ks: Sequence[int]) -> dict[int, tuple[float, float]] | None:
+        """Eval-mode loss and accuracy on the validation set of models ks, every model in
+        each batched call (the numbers bnexp.run.evaluate gives for each model alone, up to
+        summation order); None where each run evaluates itself (a stack of one, a CPU)."""
+        if not self.batched_evaluation:
+            return None
+        r0 = self.runs[0]
+        y = r0.ds.y_val
+        loss = torch.zeros(self.k, dtype=torch.float64, device=y.device)
+        hits = torch.zeros(self.k, dtype=torch.long, device=y.device)
+        predict = StackPredictor(self, copy_buffers=False)
+        try:
+            for s in data.eval_batches(len(y), eval_chunk(r0.eval_batch_size, self.k,
+                                                          self.device)):
+                x = r0.x_val[s] if r0.x_val is not None else r0.inputs(r0.ds.x_val[s])
+                logits = full_precision(predict.logits(x, train_mode=False))
+                loss += F.cross_entropy(logits.flatten(0, 1), y[s].repeat(self.k),
+                                        reduction="none").view(self.k, -1).sum(1).double()
+                hits += (logits.argmax(-1) == y[s]).sum(1)
+        finally:
+            predict.done()
+        losses, correct = torch.stack([loss, hits.double()]).div_(len(y)).tolist()
+        return {k: (losses[k], correct[k]) for k in ks}
+
+    def mode_comparisons(self, ks: Sequence[int], batch_size: int,
+                         bs1_samples: int) -> dict[int, tuple[dict, dict]]:
+        """probes.mode_comparisons of models ks, all models in each call; the running
+        statistics stay as they are. {} where each run compares itself (as evaluate)."""
+        from bnexp import probes
+
+        if not self.batched_evaluation:
+            return {}
+        r0 = self.runs[0]
+        predict = StackPredictor(self)
+        try:
+            found = probes.mode_comparisons(predict, r0.ds.x_val, r0.ds.y_val, r0.inputs,
+                                            batch_size, bs1_samples)
+        finally:
+            predict.done()
+        return {k: found[k] for k in ks}
+
     # ------------------------------------------------------------------ one model
 
     def lr(self, k: int) -> float:
@@ -490,3 +550,43 @@ class Stack:
         for n in self.buffer_names:
             self.buffers[n][k].fill_(1.0 if n.endswith("running_var") else 0)
         self.active[k] = 0
+
+
+def eval_chunk(batch_size: int, k: int, device: torch.device) -> int:
+    """Samples per batched evaluation call of k models: on a CPU (tests) the run's evaluation
+    batch shared among the models, so that one call's activations stay about one model's;
+    an accelerator takes the whole batch."""
+    return batch_size if device.type != "cpu" else max(16, batch_size // k)
+
+
+class StackPredictor:
+    """A stack's models as one predictor (probes.mode_comparisons): each call runs all K
+    models, K x B x classes. Train-mode calls update clones of the running statistics
+    (copy_buffers=False: eval mode only, reading the stack's own). `done()` restores the
+    stack's module to train mode."""
+
+    def __init__(self, stack: Stack, copy_buffers: bool = True):
+        from bnexp.models import depends_on_batch, norm_layers
+
+        self.stack, self.k = stack, stack.k
+        model = stack.runs[0].model
+        self.has_bn, self.has_norm = depends_on_batch(model), bool(norm_layers(model))
+        self.params = dict(zip(stack.names, stack.views(stack.flat.detach())))
+        self.buffers = ({n: b.clone() for n, b in stack.buffers.items()} if copy_buffers
+                        else stack.buffers)
+        one = stack.functional
+        self.batched = torch.func.vmap(one, in_dims=(0, 0, None))
+        self.batched_one_by_one = torch.func.vmap(torch.func.vmap(
+            lambda p, b, sample: one(p, b, sample[None])[0], in_dims=(None, None, 0)),
+            in_dims=(0, 0, None))
+
+    def logits(self, x: torch.Tensor, train_mode: bool) -> torch.Tensor:
+        self.stack.base.train(train_mode)
+        return self.batched(self.params, self.buffers, x)
+
+    def logits_one_by_one(self, x: torch.Tensor, train_mode: bool) -> torch.Tensor:
+        self.stack.base.train(train_mode)
+        return self.batched_one_by_one(self.params, self.buffers, x)
+
+    def done(self) -> None:
+        self.stack.base.train()

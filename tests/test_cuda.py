@@ -150,6 +150,10 @@ def test_a_vectorized_stack_on_the_gpu_equals_single_gpu_runs_in_float64(
             continue
         worst = max(worst, max_difference(final_state(dirs[i]), final_state(tmp_path /
                                                                              f"alone{i}")))
+        # evaluations and the final mode comparison, batched over the stack on a GPU
+        for key in ("final_val_acc", "val_acc_eval_mode", "val_acc_train_mode",
+                    "val_acc_eval_bs1", "val_acc_train_bs1"):
+            assert stacked[i]["metrics"][key] == alone["metrics"][key], key
     report(f"vectorized (compile={compile_setting}) vs alone on the GPU, float64, max weight/BN "
            "difference", worst)
     assert worst <= 1e-10

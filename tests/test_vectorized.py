@@ -40,8 +40,17 @@ def stacked_and_alone(tmp: Path, variants: list[list[str]], common: list[str]
     return out
 
 
+@pytest.fixture
+def batched_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stack evaluates all its models in each call, as it does on a GPU (on a CPU each
+    model evaluates itself: faster there)."""
+    monkeypatch.setattr(steps, "BATCHED_EVALUATION_ON_CPU", True)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["each-model", "batched"])
 def test_stack_equals_single_runs_in_float64_and_a_diverging_model_disturbs_none(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: bool) -> None:
+    monkeypatch.setattr(steps, "BATCHED_EVALUATION_ON_CPU", batched)
     variants = [["optim.lr=0.05", "seed=0"],
                 ["optim.lr=0.2", "seed=1", "optim.momentum=0.5", "optim.weight_decay=0.001"],
                 ["optim.lr=200", "seed=2"],  # diverges
@@ -59,9 +68,12 @@ def test_stack_equals_single_runs_in_float64_and_a_diverging_model_disturbs_none
             continue  # chaotic by then: only where and that it diverged are comparable
         # parameters and BN running statistics (and num_batches_tracked) of every layer
         assert max_difference(final_state(sdir), final_state(adir)) <= 1e-10, variants[i]
+        # evaluations and the final mode comparison, batched over the stack's models
         for key in ("final_val_acc", "best_val_acc", "steps_to_target", "val_acc_eval_mode",
-                    "val_acc_train_mode"):
+                    "val_acc_train_mode", "train_eval_gap", "val_acc_eval_bs1",
+                    "val_acc_train_bs1", "bs1_samples"):
             assert ms[key] == ma[key], key
+        assert stacked["notes"] == alone["notes"]
         for key in ("final_val_loss", "train_loss_auc", "grad_norm_max", "act_input_drift"):
             assert ms[key] == pytest.approx(ma[key], rel=1e-9, abs=1e-12), key
         # the same TensorBoard record as the run alone
@@ -109,7 +121,8 @@ def test_stack_equals_single_runs_for_adam_convnets_and_init(
     ["model=cnn", "model.width=4", "model.norm=instance"],
 ], ids=["mlp-layer", "mlp-group", "mlp-layer-plain-after", "cnn-group", "cnn-layer",
         "cnn-instance"])
-def test_stack_equals_single_runs_for_every_norm(tmp_path: Path, common: list[str]) -> None:
+def test_stack_equals_single_runs_for_every_norm(tmp_path: Path, common: list[str],
+                                                 batched_evaluation: None) -> None:
     variants = [["optim.lr=0.05", "seed=0"], ["optim.lr=0.2", "seed=1", "optim.momentum=0.5"]]
     conv = "model=cnn" in common
     common = [*common, f"trainer.steps={6 if conv else 20}",
@@ -118,10 +131,33 @@ def test_stack_equals_single_runs_for_every_norm(tmp_path: Path, common: list[st
         assert stacked["status"] == alone["status"] == "completed"
         assert max_difference(final_state(sdir), final_state(adir)) <= 1e-10, common
         ms, ma = stacked["metrics"], alone["metrics"]
-        for key in ("final_val_acc", "val_acc_eval_mode", "val_acc_train_mode"):
+        for key in ("final_val_acc", "val_acc_eval_mode", "val_acc_train_mode",
+                    "val_acc_eval_bs1", "val_acc_train_bs1"):
             assert ms[key] == ma[key], key
+        assert stacked["notes"] == alone["notes"]
         # a norm of each sample alone: train and eval mode compute the same function
         assert ms["train_eval_gap"] == 0
+
+
+def test_a_stacks_batched_evaluations_equal_each_model_alone_for_a_bn_cnn(
+        tmp_path: Path, batched_evaluation: None) -> None:
+    """BatchNorm2d normalizes a batch of one sample over its positions, so train mode at batch
+    size one is measurable there: the stack's batched passes (one call per sample for all its
+    models) give each model's own numbers, and the val curves match."""
+    variants = [["optim.lr=0.05", "seed=0"], ["optim.lr=0.1", "seed=1"],
+                ["optim.lr=0.02", "seed=2"]]
+    common = ["model=cnn", "model.width=4", "trainer.steps=6", "trainer.batch_size=8",
+              "trainer.eval_every=3", "data.train_size=400"]
+    for stacked, alone, *_ in stacked_and_alone(tmp_path, variants, common):
+        ms, ma = stacked["metrics"], alone["metrics"]
+        assert ma["val_acc_train_bs1"] is not None
+        for key in ("val_acc_eval_mode", "val_acc_train_mode", "val_acc_eval_bs1",
+                    "val_acc_train_bs1"):
+            assert ms[key] == ma[key], key
+        assert stacked["curves"]["val_acc"] == alone["curves"]["val_acc"]
+        assert [v for _, v in stacked["curves"]["val_loss"]] == pytest.approx(
+            [v for _, v in alone["curves"]["val_loss"]], rel=1e-12)
+        assert ms["eval_seconds"] > 0
 
 
 def as_interrupted(run_dir: Path) -> None:

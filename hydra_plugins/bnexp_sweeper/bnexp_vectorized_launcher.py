@@ -20,9 +20,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, setup_globals
 from hydra.plugins.launcher import Launcher
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from hydra_plugins.bnexp_sweeper.jobs import job_config, run_job
+from hydra_plugins.bnexp_sweeper.jobs import job_config, run_job, without_hydra
 
 log = logging.getLogger("bnexp")
 
@@ -68,12 +68,9 @@ class VectorizedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = [job_config(self, o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
-        tasks = []
-        for cfg in configs:
-            task = cfg.copy()
-            with open_dict(task):
-                del task["hydra"]
-            tasks.append(task)
+        # Grouping reads the task configs only: copies without Hydra's node (a copy of the
+        # whole config cost ~4x as much).
+        tasks = [without_hydra(cfg) for cfg in configs]
         returns: list[JobReturn | None] = [None] * len(configs)
         for members in groups(tasks):
             for start in range(0, len(members), self.max_models):

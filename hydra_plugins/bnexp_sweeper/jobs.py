@@ -56,7 +56,7 @@ def to_yaml(cfg: Any) -> str:
                      allow_unicode=True, sort_keys=False, Dumper=_Dumper)
 
 
-def _without_hydra(config: DictConfig) -> DictConfig:
+def without_hydra(config: DictConfig) -> DictConfig:
     """copy.deepcopy(config) less its `hydra` key, without copying that node first."""
     content = config.__dict__["_content"]
     hydra = content.pop("hydra")
@@ -91,7 +91,7 @@ def run_job(task_function: Any, config: DictConfig, hydra_context: Any,
     chdir = False
     try:
         ret = JobReturn()
-        task_cfg = _without_hydra(config)
+        task_cfg = without_hydra(config)
         ret.cfg = task_cfg
         ret.hydra_cfg = hydra_config.cfg  # replaced, not changed, by the next set_config
         ret.overrides = OmegaConf.to_container(config.hydra.overrides.task)
