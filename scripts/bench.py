@@ -776,9 +776,10 @@ def mark(what):
 import torch; mark("import torch")
 import hydra, omegaconf; mark("import hydra")
 import torch.utils.tensorboard; mark("import tensorboard")
-from bnexp.cli import app; import bnexp.loop; mark("import bnexp, typer")
+from bnexp.cli import main; import bnexp.loop; mark("import bnexp, typer")
+run_dir, sys.argv = sys.argv[1], ["bnexp", "train", "device=cpu", "hydra.run.dir=" + sys.argv[1]]
 try:
-    app(["train", "device=cpu", "hydra.run.dir=" + sys.argv[1]])
+    main()  # as the console script runs it (its garbage-collector settings included)
 except SystemExit as exc:
     assert not exc.code, exc.code
 mark("bnexp train")
