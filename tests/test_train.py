@@ -235,3 +235,27 @@ def test_eval_batch_size_auto_chunks_conv_evaluation_and_changes_no_result(
     assert code == 0, out
     mlp = json.loads((isolated / "mlp" / "summary.json").read_text())
     assert mlp["config"]["trainer"]["eval_batch_size"] == 1000
+
+
+def test_only_a_one_command_process_tunes_the_garbage_collector(isolated: Path) -> None:
+    """The console entry freezes what the imports made and raises the first generation's
+    threshold (docs/performance.md); a command run inside a longer-lived process (tests, a
+    notebook) leaves the collector as it found it, or it would keep that process's garbage."""
+    import gc
+    import subprocess
+    import sys
+
+    before = gc.get_threshold(), gc.get_freeze_count()
+    result = runner.invoke(app, ["train", "trainer.steps=2", "trainer.progress=none",
+                                 "device=cpu"])
+    assert result.exit_code == 0, result.output
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
+    probe = ("import gc, sys\nfrom bnexp.cli import main\n"
+             "sys.argv = ['bnexp', 'train', 'trainer.steps=2', 'trainer.progress=none', "
+             "'device=cpu']\n"
+             "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code\n"
+             "print(gc.get_threshold()[0], gc.get_freeze_count())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=isolated).stdout.split()
+    assert int(out[-2]) == 20_000 and int(out[-1]) > 100_000  # torch's objects, frozen
+    assert list((isolated / "outputs" / "runs").glob("*/summary.json"))
