@@ -189,6 +189,15 @@ def study_dir_of(isolated: Path, name: str) -> Path:
     return found
 
 
+def tiny_study(isolated: Path, name: str, *overrides: str) -> tuple[Path, dict]:
+    """Run study NAME on the CPU with these overrides; its directory and verdicts.json."""
+    result = runner.invoke(app, ["reproduce", name, *overrides, "trainer.progress=none",
+                                 "device=cpu"])
+    assert result.exit_code == 0, result.output
+    study_dir = study_dir_of(isolated, name)
+    return study_dir, json.loads((study_dir / "verdicts.json").read_text())
+
+
 TINY_IOFFE = ["reproduce", "ioffe2015_fig1", "seed=0", "trainer.steps=40",
               "trainer.eval_every=10", "trainer.diagnostics_every=10", "trainer.progress=none",
               "device=cpu"]
@@ -224,11 +233,8 @@ def test_tiny_study_writes_a_report_with_one_row_per_claim(isolated: Path) -> No
 
 
 def test_tiny_saturation_study_draws_per_layer_gradients(isolated: Path) -> None:
-    result = runner.invoke(app, ["reproduce", "sigmoid_saturation", "seed=0", "trainer.steps=20",
-                                 "trainer.eval_every=10", "trainer.diagnostics_every=5",
-                                 "trainer.progress=none", "device=cpu"])
-    assert result.exit_code == 0, result.output
-    study_dir = study_dir_of(isolated, "sigmoid_saturation")
+    study_dir, _ = tiny_study(isolated, "sigmoid_saturation", "seed=0", "trainer.steps=20",
+                              "trainer.eval_every=10", "trainer.diagnostics_every=5")
     assert "layer_gradients.png" in (study_dir / "report.md").read_text()
     assert (study_dir / "plots" / "layer_gradients.png").is_file()
 
@@ -255,12 +261,8 @@ def test_unknown_study_and_scale_are_clear_errors() -> None:
 
 def test_tiny_train_eval_modes_study_records_both_modes_and_the_running_statistics(
         isolated: Path) -> None:
-    result = runner.invoke(app, ["reproduce", "train_eval_modes", "seed=0,1", "trainer.steps=30",
-                                 "trainer.eval_every=10", "trainer.progress=none",
-                                 "trainer.mode_batch_sizes=[1,2,1000]", "device=cpu"])
-    assert result.exit_code == 0, result.output
-    study_dir = study_dir_of(isolated, "train_eval_modes")
-    body = json.loads((study_dir / "verdicts.json").read_text())
+    study_dir, body = tiny_study(isolated, "train_eval_modes", "seed=0,1", "trainer.steps=30",
+                                 "trainer.eval_every=10", "trainer.mode_batch_sizes=[1,2,1000]")
     ids = {c["id"]: c for c in body["claims"]}
     assert set(ids) == {"modes.eval_independent", "modes.train_depends", "modes.batch_of_one",
                         "modes.running_mean", "modes.running_var"}
@@ -272,12 +274,8 @@ def test_tiny_train_eval_modes_study_records_both_modes_and_the_running_statisti
 
 
 def test_tiny_input_normalization_study(isolated: Path) -> None:
-    result = runner.invoke(app, ["reproduce", "input_normalization", "seed=0,1",
-                                 "optim.lr=0.001,0.1", "trainer.steps=20",
-                                 "trainer.eval_every=5", "trainer.progress=none", "device=cpu"])
-    assert result.exit_code == 0, result.output
-    study_dir = study_dir_of(isolated, "input_normalization")
-    body = json.loads((study_dir / "verdicts.json").read_text())
+    study_dir, body = tiny_study(isolated, "input_normalization", "seed=0,1",
+                                 "optim.lr=0.001,0.1", "trainer.steps=20", "trainer.eval_every=5")
     ids = [c["id"] for c in body["claims"]]
     for other in ("raw", "mismatched"):
         assert f"inputs.{other}.steps" in ids and f"inputs.{other}.with_bn" in ids
@@ -353,11 +351,8 @@ def test_small_batch_claims_of_group_and_layer_norm(tmp_path: Path) -> None:
 
 
 def test_tiny_batch_size_study_draws_accuracy_against_the_batch(isolated: Path) -> None:
-    result = runner.invoke(app, ["reproduce", "batch_size", "seed=0,1", "trainer.batch_size=2,64",
-                                 "trainer.steps=12", "trainer.progress=none", "device=cpu"])
-    assert result.exit_code == 0, result.output
-    study_dir = study_dir_of(isolated, "batch_size")
-    body = json.loads((study_dir / "verdicts.json").read_text())
+    study_dir, body = tiny_study(isolated, "batch_size", "seed=0,1", "trainer.batch_size=2,64",
+                                 "trainer.steps=12")
     ids = {c["id"]: c for c in body["claims"]}
     for norm in ("group", "layer"):
         assert {f"small_batch.{norm}_holds", f"small_batch.{norm}_beats_bn",
@@ -371,12 +366,8 @@ def test_tiny_batch_size_study_draws_accuracy_against_the_batch(isolated: Path) 
 
 
 def test_tiny_normalizers_study_judges_each_norm_against_none(isolated: Path) -> None:
-    result = runner.invoke(app, ["reproduce", "normalizers", "seed=0,1", "optim.lr=0.03,1",
-                                 "trainer.steps=20", "trainer.eval_every=2",
-                                 "trainer.progress=none", "device=cpu"])
-    assert result.exit_code == 0, result.output
-    study_dir = study_dir_of(isolated, "normalizers")
-    body = json.loads((study_dir / "verdicts.json").read_text())
+    study_dir, body = tiny_study(isolated, "normalizers", "seed=0,1", "optim.lr=0.03,1",
+                                 "trainer.steps=20", "trainer.eval_every=2")
     ids = [c["id"] for c in body["claims"]]
     for norm in ("batch", "layer", "group"):
         assert any(i.startswith(f"normalizers.{norm}.convergence") for i in ids), ids
