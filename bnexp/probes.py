@@ -225,17 +225,6 @@ def mode_comparisons(models, x: torch.Tensor, y: torch.Tensor, inputs, batch_siz
             hits += (models.logits(inputs(x[s]), train_mode).argmax(-1) == y[s]).sum(-1)
         return (hits.double() / sum(sl.stop - sl.start for sl in slices)).tolist()
 
-    eval_acc = accuracy_of(_chunks(len(y), 1000), False)
-    train_acc = accuracy_of(_chunks(len(y), batch_size), True)
-    n1 = min(bs1_samples, len(y))
-    outs = [{"val_acc_eval_mode": e, "val_acc_train_mode": t, "train_eval_gap": e - t,
-             "val_acc_eval_bs1": None, "bs1_samples": n1, "val_acc_train_bs1": None}
-            for e, t in zip(eval_acc, train_acc)]
-    notes: dict[str, str] = {}
-    if n1 == 0:
-        notes["val_acc_eval_bs1"] = "skipped: trainer.diagnostics=off"
-        return [(out, dict(notes)) for out in outs]
-
     def one_by_one(train_mode: bool) -> list[float]:
         try:
             logits = models.logits_one_by_one(inputs(x[:n1]), train_mode)
@@ -244,8 +233,19 @@ def mode_comparisons(models, x: torch.Tensor, y: torch.Tensor, inputs, batch_siz
                                 for i in range(n1)], dim=1)
         return ((logits.argmax(-1) == y[:n1]).double().sum(-1) / n1).tolist()
 
-    for out, acc in zip(outs, one_by_one(False)):
-        out["val_acc_eval_bs1"] = acc
+    n1 = min(bs1_samples, len(y))
+    # Every eval-mode pass first: train-mode passes update BN's running statistics in place
+    # (restored only when the comparison ends), and eval mode must read them as trained.
+    eval_acc = accuracy_of(_chunks(len(y), 1000), False)
+    eval_bs1 = one_by_one(False) if n1 else [None] * models.k
+    train_acc = accuracy_of(_chunks(len(y), batch_size), True)
+    outs = [{"val_acc_eval_mode": e, "val_acc_train_mode": t, "train_eval_gap": e - t,
+             "val_acc_eval_bs1": e1, "bs1_samples": n1, "val_acc_train_bs1": None}
+            for e, t, e1 in zip(eval_acc, train_acc, eval_bs1)]
+    notes: dict[str, str] = {}
+    if n1 == 0:
+        notes["val_acc_eval_bs1"] = "skipped: trainer.diagnostics=off"
+        return [(out, dict(notes)) for out in outs]
     if models.has_bn:
         try:  # BN's buffers update in place in train mode, which vmap refuses: calls
             for out, acc in zip(outs, accuracy_of(_chunks(n1, 1), True)):

@@ -82,6 +82,22 @@ def test_mode_comparison_reports_bs1_train_mode_as_not_measurable_with_bn() -> N
     assert plain["train_eval_gap"] == 0
 
 
+def test_eval_mode_at_batch_size_one_reads_the_running_statistics_as_trained() -> None:
+    """The comparison's train-mode passes update BN's running statistics as they go (they are
+    restored at the end); eval mode at batch size one must read them as training left them.
+    Labels are the predictions of an eval-mode pass before any comparison: accuracy 1."""
+    model = mlp()
+    x = torch.randn(40, 1, 28, 28) * 4 + 2  # far from the running statistics
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))  # as the probe
+    model.eval()
+    with torch.no_grad():
+        y = torch.empty(40, dtype=torch.long)
+        y[order] = model(x[order]).argmax(1)
+    out, _ = probes.mode_comparison(model, x, y, lambda t: t, batch_size=8, bs1_samples=20)
+    assert out["val_acc_eval_mode"] == 1.0
+    assert out["val_acc_eval_bs1"] == 1.0
+
+
 def test_norm_report_summarizes_every_bn_layer() -> None:
     model = mlp("model.bn_momentum=0.2")
     rows = probes.norm_report(model)
