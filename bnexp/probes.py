@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +181,19 @@ def accuracy_one_by_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inpu
     return (logits.argmax(1) == y).sum().item() / len(y)
 
 
+class Predictor(Protocol):
+    """k models' logits (k x B x classes) for one batch: ModelPredictor (one model) or a
+    stack's (bnexp.steps.StackPredictor)."""
+
+    k: int
+    has_bn: bool  # a norm whose train mode depends on the batch
+    has_norm: bool
+
+    def logits(self, x: torch.Tensor, train_mode: bool) -> torch.Tensor: ...
+
+    def logits_one_by_one(self, x: torch.Tensor, train_mode: bool) -> torch.Tensor: ...
+
+
 class ModelPredictor:
     """One model's logits as a stack of one (1 x B x classes), for mode_comparisons. Its
     running statistics stay as they are: use it inside untouched(model)."""
@@ -208,7 +222,7 @@ class ModelPredictor:
 
 
 @torch.no_grad()
-def mode_comparisons(models, x: torch.Tensor, y: torch.Tensor, inputs, batch_size: int,
+def mode_comparisons(models: Predictor, x: torch.Tensor, y: torch.Tensor, inputs, batch_size: int,
                      bs1_samples: int = 100) -> list[tuple[dict, dict]]:
     """BN's two behaviours side by side for each of `models.k` models (a ModelPredictor, or a
     stack's, which runs all its models in each call): accuracy in eval mode (running

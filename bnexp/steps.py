@@ -475,9 +475,6 @@ class Stack:
 
     # ------------------------------------------------------------------ all models at once
 
-    def predictor(self) -> StackPredictor:
-        return StackPredictor(self)
-
     @torch.inference_mode()
     def evaluate(self, ks: Sequence[int]) -> dict[int, tuple[float, float]] | None:
         """Eval-mode loss and accuracy on the validation set of models ks, every model in
