@@ -145,7 +145,7 @@ def make_figures(runs: list[Run], metric: str = "final_val_acc",
             _band(ax, steps, means, stds, label, markers=False)
     _finish(ax, "step", "val accuracy (eval mode)",
             "val accuracy, mean ± std over seeds"
-            + (f" (each variant at its best LR by {metric_label(metric)})" if lr_sweep else ""))
+            + (f"\n(each variant at its best LR by {metric_label(metric)})" if lr_sweep else ""))
     figs["val_acc_curves"] = fig
     return figs
 
