@@ -156,6 +156,17 @@ def _running(outputs: Path, count: int, seconds: float = 60) -> list[str]:
     raise AssertionError(f"fewer than {count} jobs ran within {seconds} s")
 
 
+def _trained(outputs: Path, count: int, seconds: float = 60) -> None:
+    """Wait until `count` runs have passed their first checkpoint. A job stopped before its
+    first step rolls back by design and stays queued; "running" in a summary is written as
+    set-up begins, so it does not say the job got that far."""
+    deadline = time.monotonic() + seconds
+    while len(list((outputs / "sweeps" / "s").glob("*/checkpoints/last.pt"))) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {count} runs reached a checkpoint in {seconds} s")
+        time.sleep(0.25)
+
+
 def _manifest_ids(outputs: Path) -> set[str]:
     try:
         return {j.get("slurm_job_id") for j in _manifest(outputs).values()} - {None}
@@ -329,6 +340,7 @@ def test_a_job_no_node_can_run_stops_the_sweep_instead_of_waiting(cluster: Path)
 def test_ctrl_c_cancels_the_sweeps_slurm_jobs(cluster: Path) -> None:
     sweep = _start(cluster, "seed=0,1,2", *FAST, "trainer.steps=6000")
     _running(cluster, 2)
+    _trained(cluster, 2)  # both have trained: each must end interrupted, not rolled back
     sweep.send_signal(signal.SIGINT)
     out, _ = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, out
