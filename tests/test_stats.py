@@ -17,6 +17,14 @@ def test_t_quantile_matches_the_printed_table(df: int, value: float) -> None:
     assert stats.t_quantile(df) == pytest.approx(value, abs=1e-4)
 
 
+def test_t_quantile_equals_scipy_stats_ppf() -> None:
+    from scipy.stats import t
+
+    for df in (1, 2, 3, 5, 8, 13, 29, 60, 200):
+        for p in (0.5, 0.9, 0.95, 0.975, 0.995, 0.025):
+            assert stats.t_quantile(df, p) == pytest.approx(float(t.ppf(p, df)), rel=1e-12)
+
+
 def test_t_interval_on_a_worked_example() -> None:
     # 1..5: mean 3, s = sqrt(2.5) = 1.5811, s/sqrt(5) = 0.70711, t(0.975, 4) = 2.77645:
     # half-width 1.96324, interval 1.03676 .. 4.96324.
