@@ -380,9 +380,10 @@ def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
             raise ConfigError(
                 f"unknown option {flags[0]!r}. `bnexp {command}` takes the options listed by "
                 f"`bnexp {command} --help`, then overrides (key=value, key=a,b,c).")
-        check_overrides(overrides)  # grammar, keys and group options, swept values included
+        check_overrides(overrides, keys=False)  # grammar and group options, swept included
         fixed, swept = sweeps.split_overrides(overrides)
-        compose(fixed)  # the common part must be valid; each job is validated before launch
+        common = compose(fixed)  # must be valid; each job is validated before launch
+        check_overrides(overrides, composed=common)  # keys, swept ones included
         _check_writable([])  # the outputs root (BNEXP_OUTPUTS)
     except (ConfigError, ValueError) as exc:
         _error(str(exc))

@@ -298,9 +298,11 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def check_overrides(overrides: Sequence[str], keys: bool = True) -> None:
+def check_overrides(overrides: Sequence[str], keys: bool = True,
+                    composed: DictConfig | None = None) -> None:
     """Check the override strings' grammar, group options and (keys=True) keys before Hydra
-    sees them; the key check composes the config's groups once."""
+    sees them; the key check composes the config's groups once, or reads the keys of
+    `composed` (a composition of the same group choices) when given."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -337,8 +339,9 @@ def check_overrides(overrides: Sequence[str], keys: bool = True) -> None:
     if not any(ov.key_or_group not in GROUPS and not ov.key_or_group.startswith("hydra")
                for ov in parsed):
         return
-    base = compose([f"{g}={o}" for g, o in choices.items()], check=False)
-    known = _keys(base)
+    if composed is None:
+        composed = compose([f"{g}={o}" for g, o in choices.items()], check=False)
+    known = _keys(composed)
     for ov in parsed:
         key = ov.key_or_group
         if key in GROUPS or key.startswith("hydra"):

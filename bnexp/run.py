@@ -375,7 +375,8 @@ class Run:
 
         # Copies: a stacked model's tensors are views into all the stack's models, and
         # torch.save writes a view's whole storage (K models' weights in every checkpoint).
-        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        weights = {k: v.detach().clone(memory_format=torch.contiguous_format)
+                   for k, v in self.model.state_dict().items()}
         return {
             "model": weights, "optimizer": state.optimizer,
             "config": self.config, "config_raw": self.config_raw,

@@ -305,7 +305,8 @@ class Stack:
         self.buffer_names = [n for n, _ in models[0].named_buffers()]
         # All parameters of a model in one row of a K x N matrix: the optimizer then updates
         # every model in a few passes over one tensor, not per parameter and per model.
-        self.layout = Layout(models[0], r0.channels_last)
+        # Transposed linear weights where vmap computes the gradients (not a stack of one).
+        self.layout = Layout(models[0], r0.channels_last, transposed=self.k > 1)
         with torch.no_grad():
             self.flat = torch.cat([self.layout.row(list(m.parameters())) for m in models]
                                   ).requires_grad_()

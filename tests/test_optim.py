@@ -27,10 +27,16 @@ def optim_config(setting: dict) -> OmegaConf:
     return OmegaConf.create({"beta1": 0.9, "beta2": 0.999, **setting})
 
 
-def net() -> nn.Module:
+def net(transposed: bool = False) -> nn.Module:
+    """transposed: the linear weight stored as its transpose, as a transposed Layout binds it,
+    so that every compared model multiplies in the same order (the layout alone moves a
+    BN-cancelled bias's ~1e-17 gradient, which Adam divides by eps, by ~1e-9)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(),
-                         nn.Linear(12, 4)).double()
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(),
+                          nn.Linear(12, 4)).double()
+    if transposed:
+        model[3].weight.data = model[3].weight.data.t().contiguous().t()
+    return model
 
 
 def torch_optimizer(o: OmegaConf, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -51,9 +57,9 @@ def gradients(model: nn.Module, step: int) -> None:
 class Flat:
     """A model whose parameters live in one row, updated by bnexp.optim."""
 
-    def __init__(self, model: nn.Module, o: OmegaConf):
+    def __init__(self, model: nn.Module, o: OmegaConf, transposed: bool = False):
         self.model, self.params = model, list(model.parameters())
-        self.layout = Layout(model)
+        self.layout = Layout(model, transposed=transposed)
         with torch.no_grad():
             self.flat = self.layout.row(self.params)
         self.layout.bind([model], self.flat)
@@ -66,12 +72,16 @@ class Flat:
         self.step += 1
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed-rows"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"{s['name']}-{s['momentum']}-"
                          f"{s['nesterov']}-{s['weight_decay']}")
-def test_updates_and_state_match_torch_optim(setting: dict) -> None:
+def test_updates_and_state_match_torch_optim(setting: dict, transposed: bool) -> None:
     o = optim_config(setting)
-    ours, theirs = net(), net()
-    flat, reference = Flat(ours, o), torch_optimizer(o, theirs, 0.05)
+    ours, theirs = net(transposed), net(transposed)
+    flat, reference = Flat(ours, o, transposed), torch_optimizer(o, theirs, 0.05)
+    if transposed:  # the linear weight lies in the row as its transpose
+        weight = ours[3].weight
+        assert weight.stride() == (1, 4) and flat.layout.transposed == [False] * 4 + [True, False]
     lrs = [0.05, 0.1, 0.02, 0.07, 0.03, 0.05]
     for step, lr in enumerate(lrs[:4]):
         for model in (ours, theirs):
@@ -87,14 +97,14 @@ def test_updates_and_state_match_torch_optim(setting: dict) -> None:
     assert state["state"].keys() == reference.state_dict()["state"].keys()
     assert state["param_groups"][0].keys() - {"fused"} <= \
         reference.state_dict()["param_groups"][0].keys()
-    copy_ = net()
+    copy_ = net()  # a user's model: the standard layout, whatever ours was
     copy_.load_state_dict(theirs.state_dict())
     resumed = torch_optimizer(o, copy_, lrs[4])
     resumed.load_state_dict(state)
     # ...and torch.optim's state, loaded here, continues as ours does.
-    other = net()
+    other = net(transposed)
     other.load_state_dict(theirs.state_dict())
-    loaded = Flat(other, o)
+    loaded = Flat(other, o, transposed)
     loaded.optimizer.load_state_dict(0, reference.state_dict())
     loaded.step = flat.step
     for step, lr in enumerate(lrs[4:], start=4):
@@ -108,10 +118,14 @@ def test_updates_and_state_match_torch_optim(setting: dict) -> None:
     # rtol 1e-9: after 10 Adam steps a parameter whose gradient is ~0 (a bias that BN's mean
     # subtraction cancels) carries 1e-16 summation-order noise divided by sqrt(v) ~ eps, which
     # torch's build-dependent kernels turn into ~7e-12 here; a wrong formula is off by >1e-3.
+    # copy_ multiplies in another order than a transposed `ours`: that bias moves by ~1e-9
+    # (relative ~5e-9), still a thousandth of what a wrong formula gives.
+    loose = {"rtol": 1e-6, "atol": 1e-9} if transposed else {"rtol": 1e-9, "atol": 1e-12}
     for group in zip(ours.parameters(), theirs.parameters(), copy_.parameters(),
                      other.parameters()):
         for p in group[1:]:
-            torch.testing.assert_close(group[0], p, rtol=1e-9, atol=1e-12)
+            tolerance = loose if p is group[2] else {"rtol": 1e-9, "atol": 1e-12}
+            torch.testing.assert_close(group[0], p, **tolerance)
 
 
 def test_a_training_process_never_imports_torch_dynamo(tmp_path: Path) -> None:

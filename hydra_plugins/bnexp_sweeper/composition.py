@@ -12,7 +12,7 @@ hands it to every launcher, so the basic, joblib, submitit and vectorized launch
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module before it
 # is in sys.modules.
 
-import copy
+import pickle
 from typing import Any
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
@@ -29,12 +29,27 @@ class ComposeOnce:
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
+        # group choices -> (the composition, and pickled: the whole, the task part)
         self.bases: dict = {}
+        self.parsed: dict[str, Override] = {}
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("loader", "bases"):  # not set yet (while unpickling): no recursion
+        if name in ("loader", "bases", "parsed"):  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "parsed": {}}  # launchers that pickle the loader: reparse
+
+    def _parse(self, texts: list[str]) -> list[Override]:
+        """Hydra's parse of each override, once per text: the master overrides and a job's
+        values recur in every job, and ANTLR parses ~1 ms an override."""
+        missing = [t for t in texts if t not in self.parsed]
+        if missing:
+            parser = OverridesParser.create(config_loader=self.loader)
+            for text in missing:
+                [self.parsed[text]] = parser.parse_overrides([text])
+        return [self.parsed[t] for t in texts]
 
     def _plain(self, o: Override) -> bool:
         if o.type != OverrideType.CHANGE or o.package is not None or o.is_sweep_override():
@@ -53,21 +68,25 @@ class ComposeOnce:
             return None
         key = tuple(o.input_line for o in choices)
         if key not in self.bases:
-            self.bases[key] = self.loader.load_sweep_config(master_config, list(key))
+            base = self.loader.load_sweep_config(master_config, list(key))
+            task = OmegaConf.masked_copy(base, [k for k in base if k != "hydra"])
+            OmegaConf.set_struct(task, OmegaConf.is_struct(base))
+            # Each job gets its own copy: unpickling one is ~5x faster than copy.deepcopy
+            # (0.9 vs 4.7 ms for the whole config here), flags and node types the same.
+            self.bases[key] = (pickle.dumps(base), pickle.dumps(task))
         return self.bases[key], plain
 
     def load_sweep_config(self, master_config: DictConfig,
                           sweep_overrides: list[str]) -> DictConfig:
-        parser = OverridesParser.create(config_loader=self.loader)
         master = list(OmegaConf.to_container(master_config.hydra.overrides.hydra))
-        ours = parser.parse_overrides(list(sweep_overrides))
+        ours = self._parse(list(sweep_overrides))
         found = self._base(master_config, ours)
         if found is None:
             return self.loader.load_sweep_config(master_config, list(sweep_overrides))
-        base, plain = found
-        cfg = copy.deepcopy(base)
+        (whole, _), plain = found
+        cfg = pickle.loads(whole)
         ConfigLoaderImpl._apply_overrides_to_config(plain, cfg)
-        everything = parser.parse_overrides(master) + ours
+        everything = self._parse(master) + ours
         app = [o for o in everything if not o.is_hydra_override()]
         cfg.hydra.overrides.hydra = [o.input_line for o in everything if o.is_hydra_override()]
         cfg.hydra.overrides.task = [o.input_line for o in app]
@@ -82,16 +101,14 @@ class ComposeOnce:
                          sweep_overrides: list[str]) -> DictConfig:
         """The job's config without Hydra's node, for planning: its values are those of
         load_sweep_config's, and Hydra's node (two thirds of the copying) is not copied."""
-        parser = OverridesParser.create(config_loader=self.loader)
-        found = self._base(master_config, parser.parse_overrides(list(sweep_overrides)))
+        found = self._base(master_config, self._parse(list(sweep_overrides)))
         if found is None:
             cfg = self.load_sweep_config(master_config, list(sweep_overrides))
             with open_dict(cfg):
                 del cfg["hydra"]
             return cfg
-        base, plain = found
-        cfg = OmegaConf.masked_copy(base, [k for k in base if k != "hydra"])
-        OmegaConf.set_struct(cfg, OmegaConf.is_struct(base))
+        (_, task), plain = found
+        cfg = pickle.loads(task)
         ConfigLoaderImpl._apply_overrides_to_config(
             [o for o in plain if not o.is_hydra_override()], cfg)
         return cfg

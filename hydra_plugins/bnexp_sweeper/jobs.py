@@ -4,9 +4,9 @@ launcher that runs a sweep's jobs one after the other through it.
 Hydra's `run_job` copies a job's config four times (two masked copies of its Hydra node for
 `HydraConfig`, a deep copy of the whole config to drop that node, a deep copy of the node for
 the job's return) and renders `.hydra/*.yaml` with PyYAML's pure-Python emitter: ~22 ms a job
-on this machine, a visible share of a short sweep job (docs/performance.md, issue 17). Here the
-Hydra node is copied once, the task config is copied without it, and the same YAML is emitted
-by libyaml when PyYAML has it. What a job sees and leaves behind is the same: its directory,
+on this machine, a visible share of a short sweep job (docs/performance.md, issue 17). Here
+HydraConfig and the job's return share the job's own Hydra node, the task config is copied
+without it, and the same YAML is emitted by libyaml when PyYAML has it. What a job sees and leaves behind is the same: its directory,
 the three `.hydra` files byte for byte, `HydraConfig`, logging, `env_set`, callbacks, chdir
 (tests/test_sweep.py compares them with Hydra's own run_job).
 """
@@ -66,6 +66,17 @@ def without_hydra(config: DictConfig) -> DictConfig:
         content["hydra"] = hydra
 
 
+def hydra_view(config: DictConfig) -> DictConfig:
+    """What HydraConfig.set_config(config) stores, without copying Hydra's node: a container
+    holding the job's own node (made read-only, its parent still the job's config, as there).
+    set_config's masked copy of the node cost ~3.5 ms a job here; a job's config is composed
+    for that job alone, so nothing else changes the node it shares."""
+    OmegaConf.set_readonly(config.hydra, True)
+    view = DictConfig({})
+    view.__dict__["_content"]["hydra"] = config._get_node("hydra")
+    return view
+
+
 def _write(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as file:
         file.write(text)
@@ -79,15 +90,13 @@ def run_job(task_function: Any, config: DictConfig, hydra_context: Any,
     old_cwd = os.getcwd()
     hydra_config = HydraConfig.instance()
     orig_hydra_cfg = hydra_config.cfg
-    hydra_config.set_config(config)  # the directory keys may read ${hydra:...}
+    hydra_config.cfg = hydra_view(config)  # the directory keys may read ${hydra:...}
     output_dir = str(OmegaConf.select(config, job_dir_key))
     if job_subdir_key is not None:
         output_dir = os.path.join(output_dir, str(OmegaConf.select(config, job_subdir_key)))
     output_dir = os.path.abspath(output_dir)
-    # Hydra sets this and copies the node again; the copy differs only here.
-    for node in (config.hydra.runtime, hydra_config.cfg.hydra.runtime):
-        with read_write(node), open_dict(node):
-            node.output_dir = output_dir
+    with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        config.hydra.runtime.output_dir = output_dir
     chdir = False
     try:
         ret = JobReturn()
