@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import random
@@ -152,6 +153,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+@functools.cache  # the code this process runs was imported once: one `git` per process
 def git_commit() -> str | None:
     here = Path(__file__).resolve().parent.parent
     try:

@@ -223,12 +223,15 @@ class ModelPredictor:
 
 @torch.no_grad()
 def mode_comparisons(models: Predictor, x: torch.Tensor, y: torch.Tensor, inputs, batch_size: int,
-                     bs1_samples: int = 100) -> list[tuple[dict, dict]]:
+                     bs1_samples: int = 100, eval_acc: list[float] | None = None
+                     ) -> list[tuple[dict, dict]]:
     """BN's two behaviours side by side for each of `models.k` models (a ModelPredictor, or a
     stack's, which runs all its models in each call): accuracy in eval mode (running
     statistics) and in train mode (each batch's statistics, batches of batch_size), plus
     evaluation one sample at a time on the first bs1_samples of the (shuffled) split;
-    bs1_samples=0 skips that. Running statistics are left as they were."""
+    bs1_samples=0 skips that. eval_acc: the eval-mode accuracies on (x, y) when an evaluation
+    of these very weights already measured them (a run's final evaluation). Running
+    statistics are left as they were."""
     # A fixed shuffle: train-mode batches must not inherit any ordering of the split by class.
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
     x, y = x[order], y[order]
@@ -250,7 +253,8 @@ def mode_comparisons(models: Predictor, x: torch.Tensor, y: torch.Tensor, inputs
     n1 = min(bs1_samples, len(y))
     # Every eval-mode pass first: train-mode passes update BN's running statistics in place
     # (restored only when the comparison ends), and eval mode must read them as trained.
-    eval_acc = accuracy_of(_chunks(len(y), 1000), False)
+    if eval_acc is None:
+        eval_acc = accuracy_of(_chunks(len(y), 1000), False)
     eval_bs1 = one_by_one(False) if n1 else [None] * models.k
     train_acc = accuracy_of(_chunks(len(y), batch_size), True)
     outs = [{"val_acc_eval_mode": e, "val_acc_train_mode": t, "train_eval_gap": e - t,
@@ -282,11 +286,12 @@ def mode_comparisons(models: Predictor, x: torch.Tensor, y: torch.Tensor, inputs
 
 
 def mode_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs,
-                    batch_size: int, bs1_samples: int = 100) -> tuple[dict, dict]:
+                    batch_size: int, bs1_samples: int = 100,
+                    eval_acc: float | None = None) -> tuple[dict, dict]:
     """mode_comparisons of one model."""
     with untouched(model, parameters=False):
         [found] = mode_comparisons(ModelPredictor(model), x, y, inputs, batch_size,
-                                   bs1_samples)
+                                   bs1_samples, None if eval_acc is None else [eval_acc])
     return found
 
 

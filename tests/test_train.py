@@ -50,6 +50,20 @@ def test_one_epoch_run_writes_everything_and_learns(isolated: Path) -> None:
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
     assert ckpt["step"] == m["steps"] and "model" in ckpt and "optimizer" in ckpt
     assert ckpt["config"] == summary["config"]
+    # The mode comparison takes its eval-mode accuracy from the final evaluation: it must be
+    # what the saved weights score in eval mode, measured here afresh.
+    from omegaconf import OmegaConf
+
+    from bnexp import data, probes
+    from bnexp.run import load_model, preflight
+
+    model, _ = load_model(run_dir)
+    cfg = OmegaConf.create(ckpt["config"])
+    _, ds = preflight(cfg)
+    afresh, _ = probes.mode_comparison(model, ds.x_val, ds.y_val,
+                                       data.Inputs(ds, cfg.data.inputs, torch.float32), 64)
+    assert m["val_acc_eval_mode"] == m["final_val_acc"] == afresh["val_acc_eval_mode"]
+    assert m["val_acc_train_mode"] == afresh["val_acc_train_mode"]
 
 
 def test_run_directory_is_named_by_overrides_under_outputs(isolated: Path) -> None:

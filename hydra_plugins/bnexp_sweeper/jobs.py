@@ -6,9 +6,10 @@ Hydra's `run_job` copies a job's config four times (two masked copies of its Hyd
 the job's return) and renders `.hydra/*.yaml` with PyYAML's pure-Python emitter: ~22 ms a job
 on this machine, a visible share of a short sweep job (docs/performance.md, issue 17). Here
 HydraConfig and the job's return share the job's own Hydra node, the task config is copied
-without it, and the same YAML is emitted by libyaml when PyYAML has it. What a job sees and leaves behind is the same: its directory,
-the three `.hydra` files byte for byte, `HydraConfig`, logging, `env_set`, callbacks, chdir
-(tests/test_sweep.py compares them with Hydra's own run_job).
+without it, and the same YAML is emitted by libyaml when PyYAML has it. What a job sees and
+leaves behind is the same: its directory, the three `.hydra` files byte for byte,
+`HydraConfig`, logging, `env_set`, callbacks, chdir (tests/test_sweep.py compares them with
+Hydra's own run_job).
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module before it
