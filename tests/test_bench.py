@@ -75,6 +75,8 @@ def test_bench_endtoend_times_the_real_commands(isolated: Path) -> None:
     vectorized = rows["sweep, 6 jobs, --vectorize"]
     assert sequential > 0 and vectorized["wall s"] > 0
     assert math.isclose(vectorized["ratio"], sequential / vectorized["wall s"])  # one pair
+    ceiling = rows["  the same two sweeps' training alone (train_seconds): the ceiling"]
+    assert 0 < ceiling["wall s"] < vectorized["wall s"] and ceiling["ratio"] > 0
     study = next(r for w, r in rows.items() if w.startswith("bnexp reproduce lr_stability"))
     assert "(16 runs)" in [w for w in rows if w.startswith("bnexp reproduce")][0]
     assert study["ratio"] > 1  # a study's wall holds its training and more
