@@ -94,6 +94,7 @@ def _hydra(argv: list[str], task: Task | None = None) -> int:
 
     from bnexp.config import config_dir, register
     from bnexp.task import Task
+    from hydra_plugins.bnexp_sweeper.jobs import lean_main
 
     if _ONE_COMMAND_PROCESS:
         # What the imports made (torch: ~10^6 objects) lives as long as the process: frozen,
@@ -109,7 +110,8 @@ def _hydra(argv: list[str], task: Task | None = None) -> int:
     main = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     saved, sys.argv = sys.argv, ["bnexp", *argv]
     try:
-        with interrupt.handled():  # signals are recorded, and the task reads the record
+        # signals are recorded, and the task reads the record
+        with interrupt.handled(), lean_main(argv):
             main(task if task is not None else Task())()
     except KeyboardInterrupt:
         pass  # before any task began: nothing was written

@@ -298,6 +298,53 @@ def test_a_job_runs_as_under_hydras_run_job(tmp_path: Path, overrides: list[str]
     assert jobs.to_yaml(job) == OmegaConf.to_yaml(job)
 
 
+def test_no_bnexp_config_sets_hydra_mode() -> None:
+    """jobs.lean_main skips Hydra's composition that only reads hydra.mode, taking it as
+    unset: true for the default config and every experiment."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bnexp.config import config_dir, group_options, register
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        for extra in [[], *[[f"experiment={e}"] for e in group_options("experiment")]]:
+            cfg = compose("config", overrides=extra, return_hydra_config=True)
+            assert cfg.hydra.mode is None, extra
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "trainer=debug", "trainer.steps=3", "optim.lr=0.2"],
+    ["sweep", "trainer=debug", "trainer.steps=3", "optim.lr=0.1,0.2"],
+])
+def test_hydras_files_are_the_same_through_lean_main(isolated: Path, command: list[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bnexp train` and `bnexp sweep` through jobs.lean_main (bnexp's run_job for a single
+    run, no composition to read hydra.mode) write the .hydra files Hydra's own main writes."""
+    import contextlib
+
+    from hydra_plugins.bnexp_sweeper import jobs
+
+    written = {}
+    for way in ("lean", "hydra"):
+        if way == "hydra":
+            monkeypatch.setattr(jobs, "lean_main", lambda argv: contextlib.nullcontext())
+        where = isolated / way
+        args = [*command, "device=cpu", "trainer.progress=none"]
+        args += [f"hydra.run.dir={where}"] if command[0] == "train" else ["--name", way]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        root = where if command[0] == "train" else isolated / "outputs" / "sweeps" / way
+        files = sorted(root.rglob(".hydra/*.yaml"))
+        assert len(files) == (3 if command[0] == "train" else 6)
+        written[way] = {str(f.relative_to(root)): f.read_text().replace(str(root), "ROOT")
+                        .replace(f"name={way}", "name=NAME") for f in files}
+    assert written["lean"] == written["hydra"]
+    assert "hydra.mode=" in "".join(written["lean"].values())
+
+
 def test_a_rerun_with_another_config_never_deletes_results(isolated: Path) -> None:
     """Same --name, same job names, another optim.lr: the sweep stops before running anything
     and names what differs; --move-aside moves the old runs beside the sweep, intact."""
