@@ -102,9 +102,10 @@ def test_compare_never_imports_torch(grid: Path) -> None:
     import subprocess
     import sys
 
-    code = (f"import sys; from bnexp.cli import main; sys.argv=['bnexp','compare',{str(grid)!r}]"
-            "\ntry: main()\nexcept SystemExit: pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    # main() ends the process itself (cli.leave): read sys.modules from an atexit handler.
+    code = ("import atexit, sys; from bnexp.cli import main\n"
+            "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'))\n"
+            f"sys.argv=['bnexp','compare',{str(grid)!r}]\nmain()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().endswith("NO-TORCH"), out.stdout + out.stderr
 

@@ -264,12 +264,43 @@ def test_only_a_one_command_process_tunes_the_garbage_collector(isolated: Path) 
                                  "device=cpu"])
     assert result.exit_code == 0, result.output
     assert (gc.get_threshold(), gc.get_freeze_count()) == before
-    probe = ("import gc, sys\nfrom bnexp.cli import main\n"
+    # main() ends the process itself (cli.leave): the probe reads the collector from an
+    # atexit handler, which must still run.
+    probe = ("import atexit, gc, sys\nfrom bnexp.cli import main\n"
+             "atexit.register(lambda: print(gc.get_threshold()[0], gc.get_freeze_count()))\n"
              "sys.argv = ['bnexp', 'train', 'trainer.steps=2', 'trainer.progress=none', "
-             "'device=cpu']\n"
-             "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code\n"
-             "print(gc.get_threshold()[0], gc.get_freeze_count())")
+             "'device=cpu']\nmain()\nprint('main returned')")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, cwd=isolated).stdout.split()
     assert int(out[-2]) == 20_000 and int(out[-1]) > 100_000  # torch's objects, frozen
+    assert "returned" not in out
     assert list((isolated / "outputs" / "runs").glob("*/summary.json"))
+
+
+@pytest.mark.parametrize("args,code", [
+    (["train", "trainer.steps=2", "trainer.progress=plain", "device=cpu"], 0),
+    (["train", "optim.lrr=1"], 2),
+    (["sweep", "optim.lr=0.1,0.2", "trainer.steps=2", "device=cpu", "--name", "s"], 0),
+])
+def test_the_console_entry_ends_as_the_interpreter_would(isolated: Path, args: list[str],
+                                                         code: int) -> None:
+    """cli.leave skips only the interpreter's teardown of every module: the exit status,
+    everything printed (through a pipe), atexit handlers, and each run's train.log, whose
+    handler the logging module's atexit flushes and closes, are as a normal exit leaves
+    them."""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, sys\nfrom bnexp.cli import main\n"
+             "atexit.register(print, 'atexit ran')\n"
+             f"sys.argv = ['bnexp', *{args!r}]\nmain()")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=isolated)
+    assert done.returncode == code, done.stderr
+    assert done.stdout.rstrip().endswith("atexit ran")
+    if code:
+        assert done.stderr.startswith("bnexp: error: optim.lrr: unknown config key")
+        return
+    assert "compare:" in done.stdout or "outputs:" in done.stdout
+    logs = list((isolated / "outputs").rglob("train.log"))
+    assert logs and all("bnexp: " in p.read_text() for p in logs)
