@@ -575,7 +575,61 @@ def bench_vectorized(args: argparse.Namespace, tmp: Path) -> list[dict]:
     steps, without evaluation, diagnostics and files)."""
     if torch.cuda.is_available() and not args.quick:  # the CPU figures come from a CPU run
         return vectorized_on("cuda", args.steps_vectorized_gpu, 1, args, tmp)
-    return vectorized_on("cpu", args.steps_vectorized, min(args.repeats, 3), args, tmp)
+    return (vectorized_on("cpu", args.steps_vectorized, min(args.repeats, 3), args, tmp)
+            + stack_layouts(args, tmp))
+
+
+def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """One stack's step with its linear weights in the flat rows as the models lay them out
+    (out x in) and transposed (in x out, the layout of vmap's weight gradients: bnexp.optim
+    .Layout), two stacks of the same K models (lr grid x 2 seeds, batch 64: the sweep of the
+    endtoend section), taking turns in blocks of 5 steps."""
+    import bnexp.steps as steps_module
+
+    k = args.models
+    lrs = [float(f"{v:.3g}") for v in torch.logspace(-3, -0.5, max(1, k // 2)).tolist()]
+    cfgs = [compose(["device=cpu", f"optim.lr={lr}", f"seed={seed}", "trainer.steps=100000",
+                     "trainer.progress=none"]) for lr in lrs for seed in (0, 1)]
+    from bnexp.device import choose_threads
+
+    threads = choose_threads("auto", "mlp", len(cfgs))
+    torch.set_num_threads(threads)
+    made = steps_module.Layout
+
+    def stack(transposed: bool) -> Any:
+        runs: list[Run] = []
+        for cfg in cfgs:
+            runs.append(Run(cfg, Path(tempfile.mkdtemp(dir=tmp)), threads,
+                            shared=runs[0] if runs else None, stacked=len(cfgs)))
+        steps_module.Layout = lambda *a, **kw: made(*a, **{**kw, "transposed": transposed})
+        try:
+            st = steps_module.Stack(runs)
+        finally:
+            steps_module.Layout = made
+        for r in runs:
+            r.new_epoch()
+        st.set_order([r.perm for r in runs], 0)
+        st.steps(5)  # warm
+        return st
+
+    stacks = {"as the model (out x in)": stack(False), "transposed (in x out)": stack(True)}
+    seconds: dict[str, list[float]] = {name: [] for name in stacks}
+    for rnd in range(4 if args.quick else 12):
+        order = list(stacks.items())
+        for name, st in order if rnd % 2 == 0 else order[::-1]:
+            if st.position.item() > st.perms.shape[1] - 6:
+                st.position.fill_(0)  # stay inside the epoch's batches
+            start = time.perf_counter()
+            st.steps(5)
+            seconds[name].append((time.perf_counter() - start) / 5)
+    base = statistics.median(seconds["as the model (out x in)"])
+    return [{"device": "cpu", "models": len(cfgs), "steps each": "-",
+             "way": f"one stack's step (wall s: per step), linear weights {name}",
+             "step": "eager",
+             "wall s": statistics.median(v), "wall speed-up": base / statistics.median(v),
+             "training samples/s": len(cfgs) * cfgs[0].trainer.batch_size
+             / statistics.median(v), "training speed-up": "-"}
+            for name, v in seconds.items()]
 
 
 def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespace,

@@ -54,6 +54,10 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
     assert ways["sequential"]["wall speed-up"] == 1.0 and ways["vectorized"]["wall s"] > 0
     assert ways["sequential"]["training speed-up"] == 1.0
     assert 0 < ways["vectorized"]["training samples/s"] < math.inf
+    layouts = [r for w, r in ways.items() if w.startswith("one stack's step")]
+    assert len(layouts) == 2 and layouts[0]["wall speed-up"] == 1.0
+    assert math.isclose(layouts[1]["wall speed-up"],
+                        layouts[0]["wall s"] / layouts[1]["wall s"])
     startup = {r["what"]: r for r in rows["startup"]}
     for command in ("bnexp --help", "bnexp list", "bnexp compare"):
         assert startup[command]["imports torch"] == "False", command
