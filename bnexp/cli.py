@@ -767,7 +767,7 @@ def main() -> None:
 def leave(code: int | str | None) -> NoReturn:
     """End the process as the interpreter would (non-daemon threads joined, atexit handlers
     run, streams flushed) less its last step, tearing down every module's objects one by
-    one: ~0.2 s after `import torch` here, 8 % of a `bnexp train` (docs/performance.md). A
+    one: ~0.1 s after `import torch` here, ~4 % of a `bnexp train` (docs/performance.md). A
     process with a thread still running exits the usual way."""
     import atexit
     import threading

@@ -25,7 +25,7 @@ class Layout:
     the layout cuDNN's fast kernels want. transposed: linear weights (out x in) lie in the row
     as their transposes (in x out), the layout in which vmap's backward computes a stack's
     weight gradients, so gathering them into one matrix is a plain copy rather than a
-    transposing one (a 32-MLP step 10-15 % faster on this CPU: docs/performance.md)."""
+    transposing one (a 32-MLP step 10-16 % faster on this CPU: docs/performance.md)."""
 
     def __init__(self, model: nn.Module, channels_last: bool = False,
                  transposed: bool = False):

@@ -4,7 +4,8 @@ seed by seed, its 95% confidence interval, and the rules that turn an interval i
 Seeds pair up because a seed fixes a run's initialization and data order: the same seed in two
 variants differs only by what the variants change. Intervals are Student-t intervals on the
 per-seed effects (on their logarithms for ratios), which is what a reviewer expects at 3–10
-seeds; scipy.special gives the t quantile. Pure functions of numbers: no runs, files or torch here.
+seeds; scipy.special gives the t quantile. Pure functions of numbers: no runs, files or torch
+here.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class ComposeOnce:
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
-        # group choices -> (the composition, and pickled: the whole, the task part)
+        # group choices -> their composition pickled: (the whole config, its task part)
         self.bases: dict = {}
         self.parsed: dict[str, Override] = {}
 
