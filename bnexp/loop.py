@@ -75,8 +75,12 @@ class Loop:
         if not isinstance(self.steps, Stack) or not ks:
             return {}
         lead = self.runs[ks[0]]
+        # Each run's final evaluation measured its eval-mode accuracy already (as alone).
+        finals = [run.final_eval_acc() for run in self.runs]
+        known = all(finals[k] is not None for k in ks)
         return self.steps.mode_comparisons(
-            ks, self.trainer.batch_size, 100 if lead.trainer.diagnostics != "off" else 0)
+            ks, self.trainer.batch_size, 100 if lead.trainer.diagnostics != "off" else 0,
+            [float("nan") if f is None else f for f in finals] if known else None)
 
     def fit(self, stop: interrupt.StopFlag) -> None:
         """Train to the step budget, or until every run diverged or a stop signal came."""

@@ -49,9 +49,11 @@ GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph captu
 # cost is paid once per GRAPH_STEPS (docs/performance.md).
 GRAPH_STEPS = 16
 # A stack evaluates all its models in one vmap call per batch on an accelerator, where kernel
-# launches dominate. On a CPU that was slower than one model at a time (32 MLPs: 100-140 ms
-# against 81 ms; 8 CNNs: 1.4-5.7 s against 1.0 s; docs/performance.md): there each model
-# evaluates itself. Tests switch it on to check the batched path against the models alone.
+# launches dominate. On a CPU that was slower than one model at a time (32 MLPs: 100-145 ms
+# against 81-102 ms; 8 CNNs: 1.4-5.7 s against 1.0 s; docs/performance.md): there each model
+# evaluates itself, and only an MLP stack makes its final mode comparison batched (32 MLPs:
+# 239 against 424 ms; 4 CNNs: 4.2 against 2.4 s). Tests switch it on to check the batched
+# path against the models alone.
 BATCHED_EVALUATION_ON_CPU = False
 
 
@@ -368,6 +370,8 @@ class Stack:
         self.graph_steps = graph_steps(r0.trainer.log_every)
         self.batched_evaluation = self.k > 1 and (self.device.type != "cpu"
                                                   or BATCHED_EVALUATION_ON_CPU)
+        self.batched_modes = self.batched_evaluation or (self.k > 1
+                                                         and r0.cfg.model.name == "mlp")
 
     @property
     def description(self) -> str:
@@ -502,18 +506,20 @@ class Stack:
         return {k: (losses[k], correct[k]) for k in ks}
 
     def mode_comparisons(self, ks: Sequence[int], batch_size: int,
-                         bs1_samples: int) -> dict[int, tuple[dict, dict]]:
+                         bs1_samples: int, eval_acc: list[float] | None = None
+                         ) -> dict[int, tuple[dict, dict]]:
         """probes.mode_comparisons of models ks, all models in each call; the running
-        statistics stay as they are. {} where each run compares itself (as evaluate)."""
+        statistics stay as they are. eval_acc: every model's eval-mode accuracy, where the
+        final evaluation measured it. {} where each run compares itself (as evaluate)."""
         from bnexp import probes
 
-        if not self.batched_evaluation:
+        if not self.batched_modes:
             return {}
         r0 = self.runs[0]
         predict = StackPredictor(self)
         try:
             found = probes.mode_comparisons(predict, r0.ds.x_val, r0.ds.y_val, r0.inputs,
-                                            batch_size, bs1_samples)
+                                            batch_size, bs1_samples, eval_acc)
         finally:
             predict.done()
         return {k: found[k] for k in ks}

@@ -139,6 +139,28 @@ def test_stack_equals_single_runs_for_every_norm(tmp_path: Path, common: list[st
         assert ms["train_eval_gap"] == 0
 
 
+@pytest.mark.parametrize("model,batched", [("mlp", True), ("cnn", False)])
+def test_on_a_cpu_only_an_mlp_stack_compares_its_modes_batched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, batched: bool) -> None:
+    """The final train/eval-mode comparison: batched for an MLP stack on a CPU (faster there),
+    one model at a time for conv nets (slower batched); either way each model's numbers are
+    its own (the float64 stack tests compare them with the model alone)."""
+    from bnexp import probes
+
+    alone_calls = []
+    one_model = probes.mode_comparison
+    monkeypatch.setattr(probes, "mode_comparison",
+                        lambda *a, **kw: alone_calls.append(1) or one_model(*a, **kw))
+    common = ["trainer.steps=4", *(["model=cnn", "model.width=4", "trainer.batch_size=8",
+                                    "trainer.diagnostics=false"] if model == "cnn" else [])]
+    cfgs = [compose([*F64, *common, f"optim.lr={lr}"]) for lr in (0.05, 0.1)]
+    summaries = loop.train(cfgs, [tmp_path / "a", tmp_path / "b"], kind="stack")
+    assert len(alone_calls) == (0 if batched else 2)
+    for s in summaries:
+        assert s["metrics"]["val_acc_eval_mode"] == s["metrics"]["final_val_acc"]
+        assert s["metrics"]["val_acc_train_mode"] is not None
+
+
 def test_a_stacks_batched_evaluations_equal_each_model_alone_for_a_bn_cnn(
         tmp_path: Path, batched_evaluation: None) -> None:
     """BatchNorm2d normalizes a batch of one sample over its positions, so train mode at batch
