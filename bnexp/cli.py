@@ -748,20 +748,29 @@ _ONE_COMMAND_PROCESS = False  # set by main(): this process runs one command, th
 def main() -> None:
     global _ONE_COMMAND_PROCESS
     _ONE_COMMAND_PROCESS = True
-    code: int | str | None = 0
+    try:
+        code = _command()
+    except KeyboardInterrupt:  # a second stop signal while the command was ending
+        code = interrupt.exit_code()
+    leave(code)
+
+
+def _command() -> int | str | None:
+    """The command's exit status (SystemExit's code)."""
     try:
         app()
     except KeyboardInterrupt:  # one that escaped every command's own handling: still 130/143
-        code = interrupt.exit_code()
+        return interrupt.exit_code()
     except SystemExit as exc:
-        code = exc.code
+        return exc.code
     finally:
-        if interrupt.requested():  # ending on a signal: another Ctrl-C must not print a trace
-            interrupt.ignore_further()
+        # The command is over (on a signal, or a Ctrl-C that arrives as it ends): another one
+        # must not print a trace.
+        interrupt.ignore_further()
         # The interpreter's exit collects garbage over every object torch created at import:
         # ~0.6 s of each process here. Frozen objects are skipped (docs/performance.md).
         gc.freeze()
-    leave(code)
+    return 0
 
 
 def leave(code: int | str | None) -> NoReturn:
@@ -770,10 +779,12 @@ def leave(code: int | str | None) -> NoReturn:
     one: ~0.1 s after `import torch` here, ~4 % of a `bnexp train` (docs/performance.md). A
     process with a thread still running exits the usual way."""
     import atexit
+    import signal
     import threading
 
     if any(t.is_alive() and not t.daemon for t in threading.enumerate()
            if t is not threading.main_thread()):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the wait
         raise SystemExit(code)
     threading._shutdown()  # what the interpreter's exit does first: threading's own atexits
     atexit._run_exitfuncs()  # logging's flush and close, multiprocessing's, torch's...
