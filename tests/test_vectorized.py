@@ -377,6 +377,19 @@ def test_groups_stack_only_what_differs_in_per_model_scalars() -> None:
         assert steps.groups([cfgs[0], missing, cfgs[1]]) == [[0, 2], [1]]
 
 
+def test_bf16_runs_with_batch_norm_train_alone_and_complete(tmp_path: Path) -> None:
+    """vmap's batch norm rejects bf16 activations with float32 running statistics (on a CPU
+    too): such runs leave the stack, while bf16 runs without batch norm still share one."""
+    bf16 = ["device=cpu", "trainer.progress=none", "trainer.steps=3", "trainer.precision=bf16"]
+    cfgs = [compose([*bf16, *o]) for o in (["optim.lr=0.1"], ["optim.lr=0.2"],
+                                           ["model.norm=none", "optim.lr=0.1"],
+                                           ["model.norm=none", "optim.lr=0.2"])]
+    assert steps.groups(cfgs) == [[0], [1], [2, 3]]
+    summaries = loop.train_all(cfgs, [tmp_path / str(i) for i in range(4)])
+    assert [s["status"] for s in summaries] == ["completed"] * 4
+    assert [s["env"].get("vectorized_models") for s in summaries] == [None, None, 2, 2]
+
+
 def test_sweep_vectorize_gives_every_job_its_own_run(isolated: Path) -> None:
     tiny = ["trainer.steps=8", "trainer.eval_every=4", "trainer.log_every=4", *F64[:3]]
     args = ["sweep", "--name", "v", "optim.lr=0.05,0.2", "model.norm=batch,none", *tiny]
