@@ -582,8 +582,9 @@ def bench_vectorized(args: argparse.Namespace, tmp: Path) -> list[dict]:
 def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
     """One stack's step with its linear weights in the flat rows as the models lay them out
     (out x in) and transposed (in x out, the layout of vmap's weight gradients: bnexp.optim
-    .Layout), two stacks of the same K models (lr grid x 2 seeds, batch 64: the sweep of the
-    endtoend section), taking turns in blocks of 5 steps."""
+    .Layout), and the transposed stack's step through vmap instead of layer by layer
+    (bnexp.stacked): three stacks of the same K models (lr grid x 2 seeds, batch 64: the sweep
+    of the endtoend section), taking turns in blocks of 5 steps."""
     import bnexp.steps as steps_module
 
     k = args.models
@@ -612,7 +613,10 @@ def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
         st.steps(5)  # warm
         return st
 
-    stacks = {"as the model (out x in)": stack(False), "transposed (in x out)": stack(True)}
+    through_vmap = stack(True)
+    through_vmap.forward = torch.func.vmap(through_vmap.functional)
+    stacks = {"as the model (out x in)": stack(False), "transposed (in x out)": stack(True),
+              "transposed, through vmap (before bnexp.stacked)": through_vmap}
     seconds: dict[str, list[float]] = {name: [] for name in stacks}
     for rnd in range(4 if args.quick else 12):
         order = list(stacks.items())
