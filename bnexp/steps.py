@@ -6,9 +6,9 @@ implementations of one interface:
 - `Eager`: one model, the forward eager or torch.compile'd. A lone run on a CPU trains this way
   (a stack of one is slower there: docs/performance.md).
 - `Stack`: K models of one architecture as stacked tensors (`bnexp sweep --vectorize`): every
-  parameter and BN buffer gets a leading model dimension, `torch.func.vmap` runs the K forward
-  and backward passes as batched kernels, with each model's own learning rate, momentum and
-  weight decay. On a GPU a run of steps is captured once in a CUDA
+  parameter and BN buffer gets a leading model dimension, `torch.func.vmap` (or, for an MLP on
+  a CPU, bnexp.stacked's layers) runs the K forward and backward passes as batched kernels,
+  with each model's own learning rate, momentum and weight decay. On a GPU a run of steps is captured once in a CUDA
   graph and replayed; a lone GPU run trains as a stack of one for that.
 
 Both update through bnexp.optim (SGD/Adam on the parameters as flat rows, without torch.optim
