@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bnexp"
 # The flow, from what everything uses to the shell around it. A module may import the ones
 # before it, never one after it.
 FLOW = ["catalog", "config", "interrupt", "metrics", "stats", "data", "models", "device",
-        "record", "probes", "runs", "optim", "stacked", "steps", "run", "loop", "task", "cluster", "sweep",
-        "compare", "plots", "studies", "reproduce", "cli", "__main__"]
+        "record", "probes", "runs", "optim", "stacked", "steps", "run", "loop", "task",
+        "cluster", "sweep", "compare", "plots", "studies", "reproduce", "cli", "__main__"]
 
 
 def imports(path: Path) -> set[str]:
