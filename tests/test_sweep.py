@@ -127,6 +127,16 @@ def test_a_job_without_its_data_stops_the_sweep_before_anything_runs(isolated: P
     assert not list((isolated / "outputs").rglob("summary.json"))
 
 
+def test_each_jobs_batch_size_is_checked_against_its_data_before_anything_runs(
+        isolated: Path) -> None:
+    """Jobs share a check only when data, batch size, compile and device are all equal."""
+    result = runner.invoke(app, ["sweep", "--name", "big", "trainer.batch_size=16,100000",
+                                 *TINY])
+    assert result.exit_code == 2, result.output
+    assert "trainer.batch_size" in result.output and "100000" in result.output
+    assert not list((isolated / "outputs").rglob("summary.json"))
+
+
 def test_an_invalid_job_stops_the_sweep_before_anything_runs(isolated: Path) -> None:
     result = runner.invoke(app, ["sweep", "--name", "bad", "optim.lr=0.1,-1", *TINY])
     assert result.exit_code == 2
