@@ -173,7 +173,9 @@ class Run:
                  shared: Run | None = None, stacked: int = 1):
         run_dir = Path(run_dir)
         started = time.perf_counter()
-        device, ds = preflight(cfg)
+        # A stack's runs share the data, batch size and device (steps.group_key) and are never
+        # resumed (steps.stackable): the first run's checks hold for the others.
+        device, ds = (shared.device, shared.ds) if shared is not None else preflight(cfg)
         ckpt = resume_checkpoint(cfg)
         if ckpt and Path(str(cfg.resume)).resolve() != run_dir.resolve():
             raise ConfigError(f"resume={cfg.resume} must continue in its own directory; "
@@ -194,7 +196,7 @@ class Run:
         if stacked > 1:
             self.env["vectorized_models"] = stacked
         seed_everything(cfg.seed, cfg.trainer.deterministic)
-        self.device, self.ds = device, ds.to(device)
+        self.device, self.ds = device, ds if shared is not None else ds.to(device)
         ds = self.ds
         model = models.build(cfg.model, ds.in_shape, ds.num_classes).to(device)
         if cfg.trainer.precision == "fp64":
@@ -204,11 +206,11 @@ class Run:
         record.write_summary(run_dir, "running", config, {}, self.env,
                              config_hash=self.config_hash)
 
-        self.inputs = data.Inputs(ds, cfg.data.inputs, next(model.parameters()).dtype)
         self.augment = bool(cfg.data.augment)
         if shared is not None:  # the data config is common to a stack
-            self.x_train, self.x_val = shared.x_train, shared.x_val
+            self.inputs, self.x_train, self.x_val = shared.inputs, shared.x_train, shared.x_val
         else:
+            self.inputs = data.Inputs(ds, cfg.data.inputs, next(model.parameters()).dtype)
             # Standardize the training set once when no batch is augmented: converting and
             # scaling each uint8 batch is a visible share of an MLP step (docs/performance.md).
             resident = not self.augment and ds.x_train.numel() * 4 <= RESIDENT_FLOAT_BYTES
@@ -226,18 +228,24 @@ class Run:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.activation = str(cfg.model.activation)
-        example = self.x_val[:2] if self.x_val is not None else self.inputs(ds.x_val[:2])
-        self.eval_batch_size = choose_eval_batch_size(str(self.trainer.eval_batch_size), model,
-                                                      example, device)
+        setting = str(self.trainer.eval_batch_size)
+        if shared is not None and setting == str(shared.trainer.eval_batch_size):
+            self.eval_batch_size = shared.eval_batch_size  # the same network and data
+        else:
+            example = self.x_val[:2] if self.x_val is not None else self.inputs(ds.x_val[:2])
+            self.eval_batch_size = choose_eval_batch_size(setting, model, example, device)
         config["trainer"]["eval_batch_size"] = self.eval_batch_size  # the value that ran
         self.config = config
         self.events = record.Events(run_dir, ckpt["step"] + 1 if ckpt else None)
         self.progress = Progress(self.trainer.progress if stacked == 1 else "none",
                                  self.total_steps, self.steps_per_epoch)
         self.divergence_bound = self.trainer.divergence_factor * metrics.chance_loss(ds.num_classes)
-        n_probe = min(self.trainer.probe_batch_size, len(ds.y_train))
-        self.probe_x = self.inputs(ds.x_train[:n_probe])  # fixed: same samples at every probe
-        self.probe_y = ds.y_train[:n_probe]
+        if shared is not None:  # probe_batch_size is common to a stack (steps.group_key)
+            self.probe_x, self.probe_y = shared.probe_x, shared.probe_y
+        else:
+            n_probe = min(self.trainer.probe_batch_size, len(ds.y_train))
+            self.probe_x = self.inputs(ds.x_train[:n_probe])  # fixed: the same at every probe
+            self.probe_y = ds.y_train[:n_probe]
         # Where the run stands: its step and data order (this epoch's permutation and the
         # position of the next batch in it), and what it observed.
         self.step, self.epoch, self.perm, self.pos = 0, 0, None, 0

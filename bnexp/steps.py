@@ -117,7 +117,8 @@ def groups(cfgs: Sequence[DictConfig]) -> list[list[int]]:
         except ConfigError:  # (e.g. cuda without a GPU) the run itself reports it
             device = None
         alone = device is None or not stackable(cfg, device)
-        found.setdefault(f"alone:{i}" if alone else group_key(cfg), []).append(i)
+        # device is not a variant (group_key leaves it out), but a stack lives on one.
+        found.setdefault(f"alone:{i}" if alone else f"{device}|{group_key(cfg)}", []).append(i)
     return list(found.values())
 
 

@@ -375,6 +375,20 @@ def test_groups_stack_only_what_differs_in_per_model_scalars() -> None:
     if not torch.cuda.is_available():  # a device that is not there: the run reports it alone
         missing = compose(["device=cuda"])
         assert steps.groups([cfgs[0], missing, cfgs[1]]) == [[0, 2], [1]]
+        # device is not a variant: two names of the one device share a stack
+        assert steps.groups([compose(["device=cpu"]), compose(["optim.lr=0.5"])]) == [[0, 1]]
+
+
+def test_stacked_runs_share_the_first_runs_data_but_keep_their_own_eval_batch_size(
+        tmp_path: Path) -> None:
+    cfgs = [compose([*F64, "trainer.steps=2", *o]) for o in
+            (["optim.lr=0.1"], ["optim.lr=0.2", "trainer.eval_batch_size=64"], ["optim.lr=0.3"])]
+    assert steps.groups(cfgs) == [[0, 1, 2]]  # eval_batch_size is not a variant
+    summaries = loop.train(cfgs, [tmp_path / str(i) for i in range(3)], kind="stack")
+    sizes = [s["config"]["trainer"]["eval_batch_size"] for s in summaries]
+    assert sizes[1] == 64 and sizes[0] == sizes[2] != 64
+    alone = loop.train([cfgs[1]], [tmp_path / "alone"])[0]
+    assert summaries[1]["metrics"]["final_val_acc"] == alone["metrics"]["final_val_acc"]
 
 
 def test_bf16_runs_with_batch_norm_train_alone_and_complete(tmp_path: Path) -> None:
