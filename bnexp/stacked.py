@@ -72,6 +72,9 @@ def _batch_norm(m: nn.BatchNorm1d, prefix: str, params: Mapping[str, torch.Tenso
     """BatchNorm1d of K models' features (K x B x C) as one over B x (K C) channels, each
     model's running statistics updated in place in its row of the stacked buffers."""
     k, b, c = x.shape
+    if m.training and b == 1:  # refused as for one model, whose size the message names
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {torch.Size([b, c])}")
     mean, var = buffers[prefix + "running_mean"], buffers[prefix + "running_var"]
     if m.training:
         buffers[prefix + "num_batches_tracked"].add_(1)

@@ -48,13 +48,17 @@ GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph captu
 # Steps unrolled into one CUDA graph: one replay launches them all, so the host's own per-step
 # cost is paid once per GRAPH_STEPS (docs/performance.md).
 GRAPH_STEPS = 16
-# A stack evaluates all its models in one vmap call per batch on an accelerator, where kernel
-# launches dominate. On a CPU that was slower than one model at a time (32 MLPs: 100-145 ms
-# against 81-102 ms; 8 CNNs: 1.4-5.7 s against 1.0 s; docs/performance.md): there each model
-# evaluates itself, and only an MLP stack makes its final mode comparison batched (32 MLPs:
-# 239 against 424 ms; 4 CNNs: 4.2 against 2.4 s). Tests switch it on to check the batched
-# path against the models alone.
+# A stack evaluates all its models in one call per batch on an accelerator, where kernel
+# launches dominate, and on a CPU where it runs layer by layer (bnexp.stacked: 32 MLPs, 59.5
+# against 64.9 ms one model at a time; their mode comparison 88.5 against 103 ms through vmap).
+# Through vmap a CPU was slower batched (32 MLPs: 100-145 ms against 81-102 ms; 8 CNNs:
+# 1.4-5.7 s against 1.0 s; docs/performance.md): there each model evaluates itself, and only
+# MLP stacks make their final mode comparison batched (4 CNNs: 4.2 against 2.4 s). Tests switch
+# it on to check vmap's batched path against the models alone.
 BATCHED_EVALUATION_ON_CPU = False
+# Model-samples per call of a layered stack's batched evaluation on a CPU: 32 MLPs on 1,000
+# samples took 57-59 ms in calls of 256-512 samples, 67-78 at 64, 128 or 1,000.
+LAYERED_EVAL_SAMPLES = 16384
 
 
 # ----------------------------------------------------------------------------- which step
@@ -377,7 +381,7 @@ class Stack:
         # runs of steps at once.
         self.capture = capturable(r0.cfg, self.device)
         self.graph_steps = graph_steps(r0.trainer.log_every)
-        self.batched_evaluation = self.k > 1 and (self.device.type != "cpu"
+        self.batched_evaluation = self.k > 1 and (self.device.type != "cpu" or self.layered
                                                   or BATCHED_EVALUATION_ON_CPU)
         self.batched_modes = self.batched_evaluation or (self.k > 1
                                                          and r0.cfg.model.name == "mlp")
@@ -503,7 +507,7 @@ class Stack:
         predict = StackPredictor(self, copy_buffers=False)
         try:
             for s in data.eval_batches(len(y), eval_chunk(r0.eval_batch_size, self.k,
-                                                          self.device)):
+                                                          self.device, self.layered)):
                 x = r0.x_val[s] if r0.x_val is not None else r0.inputs(r0.ds.x_val[s])
                 logits = full_precision(predict.logits(x, train_mode=False))
                 loss += F.cross_entropy(logits.flatten(0, 1), y[s].repeat(self.k),
@@ -565,11 +569,16 @@ class Stack:
         self.active[k] = 0
 
 
-def eval_chunk(batch_size: int, k: int, device: torch.device) -> int:
-    """Samples per batched evaluation call of k models: on a CPU (tests) the run's evaluation
-    batch shared among the models, so that one call's activations stay about one model's;
-    an accelerator takes the whole batch."""
-    return batch_size if device.type != "cpu" else max(16, batch_size // k)
+def eval_chunk(batch_size: int, k: int, device: torch.device, layered: bool = False) -> int:
+    """Samples per batched evaluation call of k models. An accelerator takes the run's whole
+    evaluation batch. On a CPU a layered stack (bnexp.stacked) takes LAYERED_EVAL_SAMPLES
+    model-samples a call, the fastest measured; through vmap (tests) the run's evaluation batch
+    is shared among the models, so that one call's activations stay about one model's."""
+    if device.type != "cpu":
+        return batch_size
+    if layered:
+        return min(batch_size, max(16, LAYERED_EVAL_SAMPLES // k))
+    return max(16, batch_size // k)
 
 
 class StackPredictor:
@@ -588,7 +597,9 @@ class StackPredictor:
         self.buffers = ({n: b.clone() for n, b in stack.buffers.items()} if copy_buffers
                         else stack.buffers)
         one = stack.functional
-        self.batched = torch.func.vmap(one, in_dims=(0, 0, None))
+        # The same input for every model: a layered stack reads it broadcast, without copies.
+        self.batched = ((lambda p, b, x: stack.forward(p, b, x.expand(self.k, *x.shape)))
+                        if stack.layered else torch.func.vmap(one, in_dims=(0, 0, None)))
         self.batched_one_by_one = torch.func.vmap(torch.func.vmap(
             lambda p, b, sample: one(p, b, sample[None])[0], in_dims=(None, None, 0)),
             in_dims=(0, 0, None))

@@ -47,10 +47,21 @@ def batched_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(steps, "BATCHED_EVALUATION_ON_CPU", True)
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["each-model", "batched"])
+@pytest.mark.parametrize("layered,batched", [(False, False), (False, True), (True, True)],
+                         ids=["vmap-each-model", "vmap-batched", "layered-batched"])
 def test_stack_equals_single_runs_in_float64_and_a_diverging_model_disturbs_none(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layered: bool, batched: bool) -> None:
+    """Through vmap (evaluating each model alone or all at once) and layer by layer
+    (bnexp.stacked, which evaluates all at once), each model trains as it does alone."""
+    from bnexp import stacked as layers
+
     monkeypatch.setattr(steps, "BATCHED_EVALUATION_ON_CPU", batched)
+    if not layered:
+        monkeypatch.setattr(layers, "forward_of", lambda model: None)
+    made = []
+    original = steps.Stack.__init__
+    monkeypatch.setattr(steps.Stack, "__init__",
+                        lambda self, runs: (original(self, runs), made.append(self))[0])
     variants = [["optim.lr=0.05", "seed=0"],
                 ["optim.lr=0.2", "seed=1", "optim.momentum=0.5", "optim.weight_decay=0.001"],
                 ["optim.lr=200", "seed=2"],  # diverges
@@ -83,6 +94,8 @@ def test_stack_equals_single_runs_in_float64_and_a_diverging_model_disturbs_none
             assert [x[1] for x in s] == pytest.approx([x[1] for x in a], rel=1e-5), tag
     assert found[0][0]["env"]["vectorized_models"] == 4
     assert "vectorized_models" not in found[0][1]["env"]
+    assert [(st.layered, st.batched_evaluation) for st in made if st.k > 1] == [
+        (layered, batched)]
 
 
 @pytest.mark.parametrize("common, variants", [
