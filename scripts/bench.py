@@ -627,13 +627,38 @@ def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
             st.steps(5)
             seconds[name].append((time.perf_counter() - start) / 5)
     base = statistics.median(seconds["as the model (out x in)"])
-    return [{"device": "cpu", "models": len(cfgs), "steps each": "-",
+    rows = [{"device": "cpu", "models": len(cfgs), "steps each": "-",
              "way": f"one stack's step (wall s: per step), linear weights {name}",
              "step": "eager",
              "wall s": statistics.median(v), "wall speed-up": base / statistics.median(v),
              "training samples/s": len(cfgs) * cfgs[0].trainer.batch_size
              / statistics.median(v), "training speed-up": "-"}
             for name, v in seconds.items()]
+    return rows + stack_evaluations(stacks["transposed (in x out)"], 4 if args.quick else 10)
+
+
+def stack_evaluations(st: Any, rounds: int) -> list[dict]:
+    """A layered stack's evaluation of its K models on the validation set, all of them in
+    each call (bnexp.steps.Stack.evaluate) against one model at a time (bnexp.run.evaluate,
+    as a CPU stack evaluated before), taking turns."""
+    from bnexp.run import evaluate
+
+    r0, ks = st.runs[0], list(range(st.k))
+    ways = {"all models in each call (layered)": lambda: st.evaluate(ks),
+            "one model at a time": lambda: [evaluate(r.model, r0.x_val, r0.ds.y_val, None,
+                                                     r.eval_batch_size) for r in st.runs]}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for rnd in range(rounds):
+        for name, fn in ways.items() if rnd % 2 == 0 else list(ways.items())[::-1]:
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    base = statistics.median(seconds["one model at a time"])
+    return [{"device": "cpu", "models": st.k, "steps each": "-",
+             "way": f"a stack's evaluation on the validation set (wall s: each), {name}",
+             "step": "-", "wall s": statistics.median(v),
+             "wall speed-up": base / statistics.median(v), "training samples/s": "-",
+             "training speed-up": "-"} for name, v in seconds.items()]
 
 
 def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespace,

@@ -75,9 +75,10 @@ NOTES = {  # why a result here differs from the paper, or what it means; no numb
         "(`batch_size`), not here."),
     "bn_position": (
         "For ReLU the difference is small, under a point of accuracy, but five seeds do not "
-        "always pin it inside the margin: a change that only reordered the stacks' "
-        "floating-point sums (issue 17's layered stack) moved this verdict from holds to "
-        "inconclusive. Read it as small, not as shown to be negligible. For sigmoid, BN after "
+        "always pin it inside the margin: reruns that differed only in the order of "
+        "floating-point sums (a stack's thread count, issue 17's layered stack) moved this "
+        "verdict between holds and inconclusive. Read it as small, not as shown to be "
+        "negligible. For sigmoid, BN after "
         "the activation trains clearly better here, against the paper's choice of "
         "normalizing before it: after the sigmoid, BN centers inputs that are otherwise all "
         "positive."),
@@ -100,7 +101,15 @@ NOTES = {  # why a result here differs from the paper, or what it means; no numb
 }
 
 
-def run_study(name: str, env: dict) -> float:
+def run_study(name: str, env: dict, outputs: Path) -> float:
+    """Run the study afresh and return its wall time. A study directory left by an earlier
+    run would be resumed (its finished runs skipped), which would report neither this code's
+    numbers nor its time: it is moved aside first, never deleted."""
+    study_dir = outputs / "studies" / name
+    if study_dir.exists():
+        aside = study_dir.with_name(f"{name}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        study_dir.rename(aside)
+        print(f"{name}: the earlier run moved to {aside}", flush=True)
     started = time.perf_counter()
     subprocess.run(["bnexp", "reproduce", name, "trainer.progress=none"], env=env, check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -143,7 +152,7 @@ def main() -> None:
             subprocess.run(["bnexp", "reproduce", name, "--report-only"], env=env, check=False,
                            stdout=subprocess.DEVNULL)
         else:
-            times[name] = run_study(name, env)
+            times[name] = run_study(name, env, outputs)
             print(f"{name}: {times[name]:.0f} s", flush=True)
     times_file.parent.mkdir(parents=True, exist_ok=True)
     times_file.write_text(json.dumps(times, indent=2))
@@ -162,6 +171,12 @@ def main() -> None:
         "written by `python scripts/results.py` from each study's `verdicts.json`; each "
         "study's `report.md` in `outputs/studies/NAME/` has the per-seed values and links "
         "every number to the runs' summary.json files.", "",
+        "A rerun gives the same numbers only with the same CPU thread count. On a CPU, bnexp "
+        "picks a stack's threads from the machine's load (beside a busy process, 2 threads "
+        "made a 32-MLP stack's step 2.1x slower than 1 thread), and the count changes the "
+        "order of floating-point sums. Each summary records its count (`env.threads`); "
+        "`trainer.threads=N` pins it. A claim whose verdict such a rerun can move is fragile, "
+        "and its note says so.", "",
         "## How verdicts are decided", "", RULES,
     ]
     for name in CPU_STUDIES:
