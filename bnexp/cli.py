@@ -61,7 +61,7 @@ OVERRIDES use Hydra's grammar: group=option or key=value, e.g.
   model.init=default|normal  model.init_std  model.depth  model.width
   optim.lr  optim.momentum  optim.weight_decay  optim.schedule=constant|cosine|step
   trainer.epochs  trainer.steps  trainer.batch_size  trainer.eval_every
-  trainer.precision=fp32|bf16|fp64  trainer.threads=auto|N  data.augment
+  trainer.precision=fp32|bf16|fp64  trainer.threads=auto|steady|N  data.augment
   data.inputs=standardized|unit|raw|mismatched  trainer.mode_batch_sizes=[1,2,...]
   device=auto|cpu|cuda|cuda:N|mps  seed=N  hydra.run.dir=PATH
 
@@ -490,6 +490,11 @@ def reproduce(
     if experiment not in group_options("experiment"):
         _error(f"study {name} has no configs/experiment/{experiment}.yaml.")
         raise typer.Exit(EXIT_BAD_INPUT)
+    if not any(o.lstrip("+").startswith("trainer.threads=") for o in overrides):
+        # A rerun must repeat the verdicts: thread counts that follow the load would change
+        # the order of floating-point sums (device.choose_threads). Not part of the study's
+        # name or hash, so finished runs stay the study's.
+        overrides = [*overrides, "trainer.threads=steady"]
     code, sweep_dir = 0, None
     study_dir = study_name(experiment, overrides)
     if not report_only:

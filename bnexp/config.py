@@ -122,7 +122,9 @@ class TrainerConfig:
     # captured in CUDA graphs and replayed (GPU only); on: torch.compile of the forward (on a
     # GPU, inside the captured graph); off: eager. auto: graph on a GPU, eager on a CPU.
     compile: str = "auto"
-    # "auto" or a positive integer; auto picks what measured fastest (see bnexp/device.py).
+    # "auto", "steady" or a positive integer. auto picks what measured fastest, from the
+    # machine's load too; steady picks what auto picks on an idle machine, whatever the load,
+    # so that a rerun repeats its numbers (bnexp/device.py).
     threads: str = "auto"
     deterministic: bool = False
     checkpoint: bool = True
@@ -491,8 +493,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.precision": _one_of(PRECISIONS),
     "trainer.compile": _one_of(COMPILE),
     "trainer.threads": (
-        lambda v: v == "auto" or (str(v).isdigit() and int(v) >= 1),
-        "auto or an integer >= 1",
+        lambda v: v in ("auto", "steady") or (str(v).isdigit() and int(v) >= 1),
+        "auto, steady or an integer >= 1",
     ),
     "trainer.progress": _one_of(PROGRESS),
     "trainer.checkpoint_every": (lambda v: isinstance(v, int) and v >= 0,

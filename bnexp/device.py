@@ -90,14 +90,19 @@ def choose_threads(setting: str, model_name: str, models: int = 1) -> int:
     1.7 ms with 1 thread vs 3.0 ms with 2 on an idle machine, and 1.6 vs 13.7 ms beside a busy
     process; the small CNN gains from 2 threads only when the other core is idle (55 vs 72 ms;
     157 vs 97 ms when it is busy). So: MLPs use 1 thread, conv nets use the idle cores, and
-    so does a vectorized stack of `models` MLPs, whose batched kernels are large enough to split.
+    so does a vectorized stack of `models` MLPs, whose batched kernels are large enough to split
+    (a 32-MLP stack: 22 vs 28 ms a step idle, 58 vs 28 ms beside a busy process).
+
+    "steady" is auto's choice on an idle machine, whatever the load: the thread count changes
+    the order of floating-point sums, so only a count that does not follow the load lets a
+    rerun repeat a result exactly (`bnexp reproduce` and scripts/results.py).
     """
-    if setting != "auto":
+    if setting not in ("auto", "steady"):
         return int(setting)
     cores = usable_cores()
     if (model_name == "mlp" and models == 1) or cores == 1:
         return 1
-    if cores < (os.cpu_count() or 1):
+    if cores < (os.cpu_count() or 1) or setting == "steady":
         return cores  # an allocation (SLURM, taskset) is this run's own: use all of it
     return max(1, min(cores, round(cores - _busy_cores())))
 

@@ -76,9 +76,9 @@ NOTES = {  # why a result here differs from the paper, or what it means; no numb
     "bn_position": (
         "For ReLU the difference is small, under a point of accuracy, but five seeds do not "
         "always pin it inside the margin: reruns that differed only in the order of "
-        "floating-point sums (a stack's thread count, issue 17's layered stack) moved this "
-        "verdict between holds and inconclusive. Read it as small, not as shown to be "
-        "negligible. For sigmoid, BN after "
+        "floating-point sums (a stack's thread count under `trainer.threads=auto`, issue 17's "
+        "layered stack) moved this verdict between holds and inconclusive. Read it as small, "
+        "not as shown to be negligible. For sigmoid, BN after "
         "the activation trains clearly better here, against the paper's choice of "
         "normalizing before it: after the sigmoid, BN centers inputs that are otherwise all "
         "positive."),
@@ -171,12 +171,13 @@ def main() -> None:
         "written by `python scripts/results.py` from each study's `verdicts.json`; each "
         "study's `report.md` in `outputs/studies/NAME/` has the per-seed values and links "
         "every number to the runs' summary.json files.", "",
-        "A rerun gives the same numbers only with the same CPU thread count. On a CPU, bnexp "
-        "picks a stack's threads from the machine's load (beside a busy process, 2 threads "
-        "made a 32-MLP stack's step 2.1x slower than 1 thread), and the count changes the "
-        "order of floating-point sums. Each summary records its count (`env.threads`); "
-        "`trainer.threads=N` pins it. A claim whose verdict such a rerun can move is fragile, "
-        "and its note says so.", "",
+        "A rerun repeats these numbers exactly: `bnexp reproduce` runs with "
+        "`trainer.threads=steady`, the thread count an idle machine would get, whatever the "
+        "load, because the count changes the order of floating-point sums. With "
+        "`trainer.threads=auto` a stack's threads follow the load (beside a busy process, 2 "
+        "threads made a 32-MLP stack's step 2.1x slower than 1), and such reruns moved one "
+        "fragile verdict of `bn_position` between holds and inconclusive. Each summary "
+        "records its count (`env.threads`).", "",
         "## How verdicts are decided", "", RULES,
     ]
     for name in CPU_STUDIES:

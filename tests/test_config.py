@@ -46,7 +46,7 @@ BAD = [
     (["model.activation=gelu"], "model.activation", "relu, sigmoid, tanh"),
     (["model.norm=none", "model.affine=true"], "model.affine", "model.norm=none"),
     (["trainer.batch_size=1"], "trainer.batch_size", "variance of one sample"),
-    (["trainer.threads=lots"], "trainer.threads", "auto or an integer"),
+    (["trainer.threads=lots"], "trainer.threads", "auto, steady or an integer"),
     (["trainer.eval_batch_size=0"], "trainer.eval_batch_size", "auto or an integer >= 1"),
     (["device=tpu"], "device", "cuda:N"),
     (["model=resnet", "model.depth=21"], "model.depth", "6n+2"),

@@ -223,6 +223,8 @@ def test_tiny_study_writes_a_report_with_one_row_per_claim(isolated: Path) -> No
     assert steps["verdict"] == studies.UNSURE  # one seed: no interval
     for run in steps["runs"]:
         assert (study_dir / run / "summary.json").is_file()
+    # a rerun must repeat the verdicts: threads that do not follow the load (not in the name)
+    assert {s.config["trainer.threads"] for s in find([study_dir])} == {"steady"}
     # --report-only rebuilds both files from the runs on disk, and says the same
     (study_dir / "report.md").unlink()
     (study_dir / "verdicts.json").unlink()

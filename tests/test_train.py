@@ -304,3 +304,21 @@ def test_the_console_entry_ends_as_the_interpreter_would(isolated: Path, args: l
     assert "compare:" in done.stdout or "outputs:" in done.stdout
     logs = list((isolated / "outputs").rglob("train.log"))
     assert logs and all("bnexp: " in p.read_text() for p in logs)
+
+
+def test_steady_threads_ignore_the_load_that_auto_follows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun repeats its numbers only with the same thread count: steady is auto's choice
+    on an idle machine, whatever the load."""
+    from bnexp import device
+
+    monkeypatch.setattr(device, "usable_cores", lambda: 2)
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(device, "_busy_cores", lambda window=0.05: 1.0)  # one core busy
+    assert device.choose_threads("auto", "mlp", 32) == 1
+    assert device.choose_threads("steady", "mlp", 32) == 2
+    assert device.choose_threads("steady", "cnn") == 2
+    assert device.choose_threads("steady", "mlp") == 1  # a lone MLP: one thread either way
+    monkeypatch.setattr(device, "_busy_cores", lambda window=0.05: 0.0)  # idle
+    assert device.choose_threads("auto", "mlp", 32) == device.choose_threads("steady", "mlp", 32)
+
