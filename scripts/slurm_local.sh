@@ -108,7 +108,9 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     die "$what did not come up in ${seconds}s (logs in $STATE/log)"
 }
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A daemon removes its pid file as it exits: a file gone between the test and the read is "not
+# running", not an error message.
+running() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 start() {
     need_root
@@ -164,7 +166,7 @@ stop() {
     for daemon in slurmd slurmctld slurmdbd mariadb; do
         local pidfile=$STATE/run/$daemon.pid
         if running "$pidfile"; then
-            kill "$(cat "$pidfile")" 2>/dev/null || true
+            kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
             for _ in $(seq 40); do running "$pidfile" || break; sleep 0.25; done
         fi
     done
