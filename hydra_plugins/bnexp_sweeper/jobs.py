@@ -88,7 +88,8 @@ def run_job(task_function: Any, config: DictConfig, hydra_context: Any,
             job_dir_key: str = "hydra.sweep.dir",
             job_subdir_key: str | None = "hydra.sweep.subdir",
             configure_logging: bool = True) -> JobReturn:
-    """hydra.core.utils.run_job with fewer copies; `config` is the job's own (it is changed)."""
+    """hydra.core.utils.run_job with fewer copies; `config` is the job's own (it is changed).
+    configure_logging: as Hydra's single run passes it (lean_main puts this in its place)."""
     callbacks = hydra_context.callbacks
     old_cwd = os.getcwd()
     hydra_config = HydraConfig.instance()
