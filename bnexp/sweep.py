@@ -171,7 +171,7 @@ def config_differences(run_dir: Path, new_config: dict, most: int = 6) -> list[s
     try:
         old = flatten(json.loads((run_dir / "summary.json").read_text()).get("config", {}))
     except (OSError, ValueError, AttributeError):
-        return ["(its summary.json cannot be read)"]
+        return ["its summary.json cannot be read"]
     new = flatten(new_config)
     out = []
     for key in sorted(old.keys() | new.keys()):
