@@ -18,7 +18,8 @@ a loop down, so the fastest round is the least disturbed one):
   threads     1 vs 2 torch threads, on an idle machine and beside a busy process, and what
               trainer.threads=auto picks;
   precision   bf16 autocast vs fp32: step time and the effect on the result;
-  vectorized  K models trained at once (`bnexp sweep --vectorize`) vs K sequential runs;
+  vectorized  K models trained at once (`bnexp sweep --vectorize`) vs K sequential runs, and
+              a stack's step and evaluation against their arithmetic limits;
   startup     `bnexp --help`, `bnexp list`, `bnexp compare` (no torch import) and a run's own
               set-up time, imports excluded;
   endtoend    the CLI as a user types it, every command a fresh process: a 32-job sweep with
@@ -150,18 +151,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_flops_per_sample(model: torch.nn.Module, in_shape: tuple[int, ...]) -> float:
-    """Forward FLOPs of the linear and conv layers x 3 (forward, and backward for inputs and
-    weights): the usual estimate of one training sample's arithmetic."""
-    flops = 0.0
+def layer_flops(model: torch.nn.Module, in_shape: tuple[int, ...]) -> list[float]:
+    """Forward FLOPs of one sample through each linear and conv layer, in forward order."""
+    flops: list[float] = []
 
     def count(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-        nonlocal flops
         if isinstance(module, torch.nn.Linear):
-            flops += 2 * module.in_features * module.out_features
+            flops.append(2 * module.in_features * module.out_features)
         elif isinstance(module, torch.nn.Conv2d):
             k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            flops += 2 * k * out[0].numel()
+            flops.append(2 * k * out[0].numel())
 
     handles = [m.register_forward_hook(count) for m in model.modules()]
     was = model.training
@@ -171,7 +170,20 @@ def train_flops_per_sample(model: torch.nn.Module, in_shape: tuple[int, ...]) ->
     model.train(was)
     for h in handles:
         h.remove()
-    return 3 * flops
+    return flops
+
+
+def train_flops_per_sample(model: torch.nn.Module, in_shape: tuple[int, ...]) -> float:
+    """Forward FLOPs of the linear and conv layers x 3 (forward, and backward for inputs and
+    weights): the usual estimate of one training sample's arithmetic."""
+    return 3 * sum(layer_flops(model, in_shape))
+
+
+def step_flops_per_sample(model: torch.nn.Module, in_shape: tuple[int, ...]) -> float:
+    """The matmul FLOPs one training step spends on a sample: each layer's forward, its weight
+    gradient, and its input gradient except the first layer's (the data needs none)."""
+    flops = layer_flops(model, in_shape)
+    return 3 * sum(flops) - flops[0]
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -627,20 +639,33 @@ def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
             st.steps(5)
             seconds[name].append((time.perf_counter() - start) / 5)
     base = statistics.median(seconds["as the model (out x in)"])
+    batch = cfgs[0].trainer.batch_size
     rows = [{"device": "cpu", "models": len(cfgs), "steps each": "-",
              "way": f"one stack's step (wall s: per step), linear weights {name}",
              "step": "eager",
              "wall s": statistics.median(v), "wall speed-up": base / statistics.median(v),
-             "training samples/s": len(cfgs) * cfgs[0].trainer.batch_size
-             / statistics.median(v), "training speed-up": "-"}
+             "training samples/s": len(cfgs) * batch / statistics.median(v),
+             "training speed-up": "-"}
             for name, v in seconds.items()]
-    return rows + stack_evaluations(stacks["transposed (in x out)"], 4 if args.quick else 10)
+    # How far the step is from its arithmetic: its matmuls' FLOPs at the rate of a large
+    # square matmul here (the batched matmuls of a batch of 64 reach less of it).
+    st = stacks["transposed (in x out)"]
+    model, in_shape = st.runs[0].model, tuple(st.runs[0].ds.in_shape)
+    rate = matmul_rate(torch.device("cpu"))
+    flops = step_flops_per_sample(model, in_shape) * len(cfgs) * batch
+    rows.append({"device": "cpu", "models": len(cfgs), "steps each": "-",
+                 "way": f"one stack's step at its arithmetic limit ({flops / 1e9:.3g} GFLOP "
+                        f"at {rate / 1e9:.0f} GFLOP/s, a 1024 x 1024 matmul's rate here)",
+                 "step": "-", "wall s": flops / rate, "wall speed-up": base * rate / flops,
+                 "training samples/s": len(cfgs) * batch * rate / flops,
+                 "training speed-up": "-"})
+    return rows + stack_evaluations(st, 4 if args.quick else 10, rate)
 
 
-def stack_evaluations(st: Any, rounds: int) -> list[dict]:
+def stack_evaluations(st: Any, rounds: int, rate: float) -> list[dict]:
     """A layered stack's evaluation of its K models on the validation set, all of them in
     each call (bnexp.steps.Stack.evaluate) against one model at a time (bnexp.run.evaluate,
-    as a CPU stack evaluated before), taking turns."""
+    as a CPU stack evaluated before), taking turns; and its forward's FLOPs at `rate`."""
     from bnexp.run import evaluate
 
     r0, ks = st.runs[0], list(range(st.k))
@@ -654,11 +679,17 @@ def stack_evaluations(st: Any, rounds: int) -> list[dict]:
             fn()
             seconds[name].append(time.perf_counter() - start)
     base = statistics.median(seconds["one model at a time"])
+    flops = sum(layer_flops(r0.model, tuple(r0.ds.in_shape))) * st.k * len(r0.ds.y_val)
     return [{"device": "cpu", "models": st.k, "steps each": "-",
              "way": f"a stack's evaluation on the validation set (wall s: each), {name}",
              "step": "-", "wall s": statistics.median(v),
              "wall speed-up": base / statistics.median(v), "training samples/s": "-",
-             "training speed-up": "-"} for name, v in seconds.items()]
+             "training speed-up": "-"} for name, v in seconds.items()] + [
+        {"device": "cpu", "models": st.k, "steps each": "-",
+         "way": f"a stack's evaluation at its arithmetic limit ({flops / 1e9:.3g} GFLOP at "
+                f"{rate / 1e9:.0f} GFLOP/s)", "step": "-", "wall s": flops / rate,
+         "wall speed-up": base * rate / flops, "training samples/s": "-",
+         "training speed-up": "-"}]
 
 
 def vectorized_on(device: str, steps: int, repeats: int, args: argparse.Namespace,

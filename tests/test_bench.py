@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from bnexp import data
+from bnexp.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,13 +59,24 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
     assert ways["sequential"]["training speed-up"] == 1.0
     assert 0 < ways["vectorized"]["training samples/s"] < math.inf
     layouts = [r for w, r in ways.items() if w.startswith("one stack's step")]
-    assert len(layouts) == 3 and layouts[0]["wall speed-up"] == 1.0  # two layouts, and vmap
+    # two layouts, vmap, and the arithmetic limit
+    assert len(layouts) == 4 and layouts[0]["wall speed-up"] == 1.0
     for row in layouts[1:]:
         assert math.isclose(row["wall speed-up"], layouts[0]["wall s"] / row["wall s"])
     evaluations = [r for w, r in ways.items() if w.startswith("a stack's evaluation")]
-    assert len(evaluations) == 2 and evaluations[1]["wall speed-up"] == 1.0
-    assert math.isclose(evaluations[0]["wall speed-up"],
-                        evaluations[1]["wall s"] / evaluations[0]["wall s"])
+    assert len(evaluations) == 3 and evaluations[1]["wall speed-up"] == 1.0
+    for row in (evaluations[0], evaluations[2]):
+        assert math.isclose(row["wall speed-up"], evaluations[1]["wall s"] / row["wall s"])
+    # The limits' FLOPs, counted here from the default MLP's shape (784-100-100-100-10): a
+    # step spends 3 x forward less the first layer's input gradient; an evaluation, forward.
+    forward = 2 * (784 * 100 + 100 * 100 + 100 * 100 + 100 * 10)
+    models, batch = 2, 64  # --quick: one learning rate, two seeds; the default batch
+    n_val = len(data.load(compose(["device=cpu"]).data).y_val)
+    for row, flops in ((layouts[3], models * batch * (3 * forward - 2 * 784 * 100)),
+                       (evaluations[2], models * n_val * forward)):
+        gflop = float(re.search(r"\(([0-9.e+-]+) GFLOP at", row["way"]).group(1))
+        assert math.isclose(gflop, flops / 1e9, rel_tol=2e-3), (row["way"], flops)
+        assert row["wall s"] > 0
     startup = {r["what"]: r for r in rows["startup"]}
     for command in ("bnexp --help", "bnexp list", "bnexp compare"):
         assert startup[command]["imports torch"] == "False", command
