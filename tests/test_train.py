@@ -321,4 +321,3 @@ def test_steady_threads_ignore_the_load_that_auto_follows(
     assert device.choose_threads("steady", "mlp") == 1  # a lone MLP: one thread either way
     monkeypatch.setattr(device, "_busy_cores", lambda window=0.05: 0.0)  # idle
     assert device.choose_threads("auto", "mlp", 32) == device.choose_threads("steady", "mlp", 32)
-
