@@ -359,6 +359,8 @@ def sweep(
         overrides.insert(0, "optim.lr=" + ",".join(f"{v:g}" for v in grid))
     code, sweep_dir = _launch_sweep(overrides, name, "sweeps", jobs, dry_run, vectorize,
                                     move_aside)
+    if code in interrupt.EXIT_CODES.values():
+        _sweep_summary(sweep_dir, stopped=True)
     if code or dry_run:
         raise typer.Exit(code)
     raise typer.Exit(_sweep_summary(sweep_dir))
@@ -412,9 +414,12 @@ def _launch_sweep(overrides: list[str], name: str | None, kind: str, jobs: int,
     return _hydra(argv), sweep_dir
 
 
-def _sweep_summary(sweep_dir: Path) -> int:
+def _sweep_summary(sweep_dir: Path, stopped: bool = False) -> int:
+    """Print where a sweep stands (after a stop signal too: stopped); its exit code."""
     from bnexp import sweep as sweeps
 
+    if stopped and not (sweep_dir / sweeps.MANIFEST).is_file():
+        return 0  # stopped before any job was planned: nothing to report
     counts = sweeps.counts(sweeps.read_manifest(sweep_dir))
     typer.echo(f"\nsweep {sweep_dir.name}: "
                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
@@ -423,6 +428,8 @@ def _sweep_summary(sweep_dir: Path) -> int:
     if counts.get("interrupted"):  # stopped from outside (a cancelled SLURM job, a kill)
         typer.echo(f"resume:      {counts['interrupted']} interrupted job(s) continue from their "
                    "checkpoints when the same command runs again")
+    elif stopped:
+        typer.echo("resume:      the same command runs the jobs left; finished ones are skipped")
     return sweeps.EXIT_SOME_FAILED if counts.get("failed") or counts.get("interrupted") else 0
 
 
@@ -501,6 +508,12 @@ def reproduce(
         code, sweep_dir = _launch_sweep([f"experiment={experiment}", *overrides], study_dir,
                                         "studies", jobs, dry_run, vectorize, move_aside)
         if code == EXIT_BAD_INPUT or dry_run:
+            raise typer.Exit(code)
+        if code in interrupt.EXIT_CODES.values():
+            # A report of the runs a stop left would replace the study's last one.
+            _sweep_summary(sweep_dir, stopped=True)
+            typer.echo("report:      not written, since the study was stopped: the same "
+                       "command resumes it, then writes the report")
             raise typer.Exit(code)
         code = _sweep_summary(sweep_dir)
     from bnexp.config import outputs_root

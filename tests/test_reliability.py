@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from bnexp.cli import app
+from bnexp.cli import app, study_name
 from bnexp.config import ConfigError, compose
 from bnexp.interrupt import workers_of
 
@@ -431,6 +431,45 @@ def test_a_claim_that_names_no_live_bnexp_process_is_taken_over(
         assert summary["status"] == "completed"
     finally:
         sleeper.kill()
+
+
+@pytest.mark.parametrize("command", ["sweep", "reproduce"])
+def test_ctrl_c_on_a_sweep_or_study_says_how_it_resumes_and_writes_no_partial_report(
+        isolated: Path, command: str) -> None:
+    """A stopped sweep once exited silently with its stopped job `running` in the manifest,
+    and a stopped study went on to write a report of its unfinished runs, exiting 0."""
+    overrides = ["trainer.steps=3000", "trainer.checkpoint_every=20", "trainer.progress=none",
+                 "device=cpu"]
+    if command == "sweep":
+        args = ["sweep", "--name", "stop", "seed=0,1", *overrides]
+        sweep_dir = isolated / "outputs" / "sweeps" / "stop"
+    else:
+        args = ["reproduce", "ioffe2015_fig1", "seed=0", *overrides]
+        sweep_dir = (isolated / "outputs" / "studies"
+                     / study_name("ioffe2015_fig1", ["seed=0", *overrides]))
+    if command == "reproduce":  # a report of an earlier, finished run of the study
+        sweep_dir.mkdir(parents=True)
+        (sweep_dir / "report.md").write_text("the last finished study")
+    proc = start(args)
+    deadline = time.time() + 120
+    while not list(sweep_dir.glob("*/checkpoints/last.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out, out
+    statuses = {name: job["status"] for name, job in
+                json.loads((sweep_dir / "manifest.json").read_text())["jobs"].items()}
+    assert "interrupted" in statuses.values() and "running" not in statuses.values(), statuses
+    for name, status in statuses.items():  # the manifest agrees with each job's own record
+        if status == "interrupted":
+            summary = json.loads((sweep_dir / name / "summary.json").read_text())
+            assert summary["status"] == "interrupted", (name, summary["status"])
+    assert "interrupted" in out and "resume:" in out, out
+    if command == "reproduce":
+        assert (sweep_dir / "report.md").read_text() == "the last finished study"
+        assert not (sweep_dir / "verdicts.json").exists()
+        assert "report:" in out and "not written" in out, out
 
 
 def test_two_resumes_of_one_run_at_once_one_refuses(isolated: Path) -> None:

@@ -246,28 +246,29 @@ class BnexpSweeper(Sweeper):
                     self._write_manifest(sweep_dir, manifest, plan)
 
             self._hear_each_job(chunk, end, sweep_dir, manifest)
+            launched = False
             try:
                 if batch:
                     returns.append(self.launcher.launch(batch, initial_job_idx=start))
-            except (KeyboardInterrupt, SystemExit):  # a stop signal: the manifest says so
-                self._write_manifest(sweep_dir, manifest, plan)
-                raise
-            except Exception as exc:
+                launched = True
+            except Exception as exc:  # (a stop signal's KeyboardInterrupt passes through)
                 from bnexp.cluster import SlurmError
 
                 if isinstance(exc, SlurmError):  # one paragraph, and what ran is recorded
-                    self._write_manifest(sweep_dir, manifest, plan)
                     print(f"bnexp: error: {exc}", file=sys.stderr)
                     # A setting at fault is bad input (2); an unreachable cluster is 4.
                     raise SystemExit(2 if exc.key else sweep.EXIT_CLUSTER) from None
                 if not interrupt.requested():
                     raise
                 # The signal reached the workers too (a pool reports them as killed).
-                self._write_manifest(sweep_dir, manifest, plan)
                 raise SystemExit(interrupt.exit_code()) from None
             finally:
                 for job in chunk:  # a SLURM job's claim stays while SLURM has the job
                     sweep.release(sweep_dir, job["name"], keep_slurm=True)
+                if not launched:
+                    # After the release: a job this process stopped reads "interrupted",
+                    # not "running" as a job another process still holds would.
+                    self._write_manifest(sweep_dir, manifest, plan)
             for job in chunk:
                 if job["name"] not in ended:
                     end(job, write=False)
