@@ -268,7 +268,10 @@ def _bn_panels(runs: list[Run], draw: Any, ylabel: str) -> Any:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    axes[0].legend(fontsize=7)
+    # The first panel with lines (a study stopped early may have BN runs only).
+    labelled = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+    if labelled:
+        labelled[0].legend(fontsize=7)
     return fig
 
 

@@ -101,3 +101,27 @@ def test_aggregated_tensorboard_runs_at_every_lr_in_the_sweeps_key_order(
     assert upper == pytest.approx(0.96 + statistics.stdev([0.95, 0.97]), rel=1e-5)
     assert "figures" not in names and not events.Tags()["images"]  # no figures as a run
     assert len(find([sweep_dir])) == 8  # aggregated runs are not mistaken for runs
+
+
+def test_bn_panels_with_bn_runs_only_label_the_bn_panel_without_a_warning(
+        tmp_path: Path) -> None:
+    """matplotlib warned "No artists with labels" into a study's output when its runs without
+    BN were missing (the legend went on their empty panel)."""
+    import warnings
+
+    for seed in (0, 1):
+        run_dir = write_summary(tmp_path / f"norm=batch,seed={seed}", "completed",
+                                **{"model.norm": "batch", "seed": seed, "model.depth": 3})
+        writer = SummaryWriter(str(run_dir))
+        for step in (0, 10):
+            for q in (15, 50, 85):
+                writer.add_scalar(f"act_input/act3/p{q}", q / 100 + step, step)
+        writer.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.percentile_figure(find([tmp_path]))
+    without, with_bn = fig.axes
+    assert not without.lines and without.get_legend() is None
+    assert len(with_bn.lines) == 3 and with_bn.get_legend() is not None
+    assert [t.get_text() for t in with_bn.get_legend().get_texts()] == [
+        "15th percentile", "50th percentile", "85th percentile"]
