@@ -100,6 +100,13 @@ def test_bench_endtoend_times_the_real_commands(isolated: Path) -> None:
     assert math.isclose(vectorized["ratio"], sequential / vectorized["wall s"])  # one pair
     ceiling = rows["  the same two sweeps' training alone (train_seconds): the ceiling"]
     assert 0 < ceiling["wall s"] < vectorized["wall s"] and ceiling["ratio"] > 0
+    # What 2x asks of the stack's training: half the sequential wall, less the rest of the
+    # vectorized command (one pair in --quick, so the rows add up exactly).
+    outside = rows["  --vectorize outside its training (start-up, planning, files, evals)"]
+    assert math.isclose(outside["wall s"], vectorized["wall s"] - ceiling["wall s"])
+    needed = rows["  for 2x, its training would have to take at most"]
+    assert math.isclose(needed["wall s"], sequential / 2 - outside["wall s"])
+    assert math.isclose(needed["ratio"], needed["wall s"] / ceiling["wall s"])
     study = next(r for w, r in rows.items() if w.startswith("bnexp reproduce lr_stability"))
     assert "(16 runs)" in [w for w in rows if w.startswith("bnexp reproduce")][0]
     assert study["ratio"] > 1  # a study's wall holds its training and more
