@@ -19,7 +19,8 @@ a loop down, so the fastest round is the least disturbed one):
               trainer.threads=auto picks;
   precision   bf16 autocast vs fp32: step time and the effect on the result;
   vectorized  K models trained at once (`bnexp sweep --vectorize`) vs K sequential runs, and
-              a stack's step and evaluation against their arithmetic limits;
+              a stack's step and evaluation against their arithmetic limits, and where the
+              stack's speed-up comes from (stacking on one thread; the other cores);
   startup     `bnexp --help`, `bnexp list`, `bnexp compare` (no torch import) and a run's own
               set-up time, imports excluded;
   endtoend    the CLI as a user types it, every command a fresh process: a 32-job sweep with
@@ -659,7 +660,60 @@ def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
                  "step": "-", "wall s": flops / rate, "wall speed-up": base * rate / flops,
                  "training samples/s": len(cfgs) * batch * rate / flops,
                  "training speed-up": "-"})
+    rows += per_core(st, cfgs, threads, 4 if args.quick else 12, tmp)
     return rows + stack_evaluations(st, 4 if args.quick else 10, rate)
+
+
+def per_core(st: Any, cfgs: list, threads: int, rounds: int, tmp: Path) -> list[dict]:
+    """Where a stack's speed-up comes from: K single-model steps on one thread (as a
+    sequential sweep takes them), the stack's step on one thread (stacking alone), and on
+    `threads` (stacking and the cores), taking turns in blocks of 5 steps."""
+    import bnexp.steps as steps_module
+
+    one = Run(cfgs[0], Path(tempfile.mkdtemp(dir=tmp)), 1)
+    one.new_epoch()
+    single = steps_module.Eager(one)
+
+    def single_steps() -> None:
+        if single.position > one.steps_per_epoch - 6:
+            single.position = 0
+        if single.step > one.total_steps - 6:  # the step's tables end at the run's budget
+            single.step = 0
+            single.step_on_device.fill_(0)
+        single.steps(5)
+
+    def stack_steps() -> None:
+        if st.position.item() > st.perms.shape[1] - 6:
+            st.position.fill_(0)
+        if st.step > st.runs[0].total_steps - 6:
+            st.step = 0
+            st.step_on_device.fill_(0)
+        st.steps(5)
+
+    ways = {f"{st.k} single-model steps, 1 thread (a sequential sweep's)": (single_steps, 1,
+                                                                           st.k),
+            "one stack's step, 1 thread (stacking alone)": (stack_steps, 1, 1),
+            f"one stack's step, {threads} threads (stacking and the cores)": (stack_steps,
+                                                                              threads, 1)}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    single_steps()  # warm
+    try:
+        for rnd in range(rounds):
+            order = list(ways.items())
+            for name, (fn, n_threads, times) in order if rnd % 2 == 0 else order[::-1]:
+                torch.set_num_threads(n_threads)
+                start = time.perf_counter()
+                fn()
+                seconds[name].append((time.perf_counter() - start) / 5 * times)
+    finally:
+        torch.set_num_threads(threads)
+    base = statistics.median(seconds[next(iter(ways))])
+    batch = cfgs[0].trainer.batch_size
+    return [{"device": "cpu", "models": st.k, "steps each": "-",
+             "way": f"per core: {name} (wall s: per step of all {st.k})", "step": "eager",
+             "wall s": statistics.median(v), "wall speed-up": base / statistics.median(v),
+             "training samples/s": st.k * batch / statistics.median(v),
+             "training speed-up": "-"} for name, v in seconds.items()]
 
 
 def stack_evaluations(st: Any, rounds: int, rate: float) -> list[dict]:

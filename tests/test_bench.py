@@ -63,6 +63,13 @@ def test_bench_quick_prints_every_table_it_measures(isolated: Path) -> None:
     assert len(layouts) == 4 and layouts[0]["wall speed-up"] == 1.0
     for row in layouts[1:]:
         assert math.isclose(row["wall speed-up"], layouts[0]["wall s"] / row["wall s"])
+    # Stacking alone (one thread) and with the cores, against single-model steps on one.
+    per_core = [r for w, r in ways.items() if w.startswith("per core:")]
+    assert len(per_core) == 3 and per_core[0]["wall speed-up"] == 1.0
+    assert "1 thread (stacking alone)" in per_core[1]["way"]
+    for row in per_core[1:]:
+        assert math.isclose(row["wall speed-up"], per_core[0]["wall s"] / row["wall s"])
+        assert math.isclose(row["training samples/s"], 2 * 64 / row["wall s"])  # 2 x batch 64
     evaluations = [r for w, r in ways.items() if w.startswith("a stack's evaluation")]
     assert len(evaluations) == 3 and evaluations[1]["wall speed-up"] == 1.0
     for row in (evaluations[0], evaluations[2]):
