@@ -667,44 +667,42 @@ def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
 def per_core(st: Any, cfgs: list, threads: int, rounds: int, tmp: Path) -> list[dict]:
     """Where a stack's speed-up comes from: K single-model steps on one thread (as a
     sequential sweep takes them), the stack's step on one thread (stacking alone), and on
-    `threads` (stacking and the cores), taking turns in blocks of 5 steps."""
+    `threads` (stacking and the cores), taking turns. Each turn first takes 2 steps untimed:
+    the one before it evicted this one's tensors from the caches, which a sweep's runs of
+    hundreds of steps do not see (the first steps after a stack's were 1.4x slower)."""
     import bnexp.steps as steps_module
 
     one = Run(cfgs[0], Path(tempfile.mkdtemp(dir=tmp)), 1)
     one.new_epoch()
     single = steps_module.Eager(one)
 
-    def single_steps() -> None:
-        if single.position > one.steps_per_epoch - 6:
+    def single_steps(n: int) -> None:
+        if single.position > one.steps_per_epoch - n:
             single.position = 0
-        if single.step > one.total_steps - 6:  # the step's tables end at the run's budget
-            single.step = 0
-            single.step_on_device.fill_(0)
-        single.steps(5)
+        single.steps(n)
 
-    def stack_steps() -> None:
-        if st.position.item() > st.perms.shape[1] - 6:
+    def stack_steps(n: int) -> None:
+        if st.position.item() > st.perms.shape[1] - n:
             st.position.fill_(0)
-        if st.step > st.runs[0].total_steps - 6:
-            st.step = 0
-            st.step_on_device.fill_(0)
-        st.steps(5)
+        st.steps(n)
 
+    # (steps, threads, steps of one model per step): the single model's turn takes as long.
     ways = {f"{st.k} single-model steps, 1 thread (a sequential sweep's)": (single_steps, 1,
                                                                            st.k),
             "one stack's step, 1 thread (stacking alone)": (stack_steps, 1, 1),
             f"one stack's step, {threads} threads (stacking and the cores)": (stack_steps,
                                                                               threads, 1)}
     seconds: dict[str, list[float]] = {name: [] for name in ways}
-    single_steps()  # warm
     try:
         for rnd in range(rounds):
             order = list(ways.items())
-            for name, (fn, n_threads, times) in order if rnd % 2 == 0 else order[::-1]:
+            for name, (fn, n_threads, per_step) in order if rnd % 2 == 0 else order[::-1]:
                 torch.set_num_threads(n_threads)
+                n = 2 * per_step if per_step > 1 else 5
+                fn(2)
                 start = time.perf_counter()
-                fn()
-                seconds[name].append((time.perf_counter() - start) / 5 * times)
+                fn(n)
+                seconds[name].append((time.perf_counter() - start) / n * per_step)
     finally:
         torch.set_num_threads(threads)
     base = statistics.median(seconds[next(iter(ways))])
