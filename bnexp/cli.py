@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -223,6 +224,7 @@ def _check_and_run(overrides: list[str]) -> int:
             return interrupt.exit_code()
         _error(str(exc))
         return EXIT_BAD_INPUT
+    from bnexp.record import CHECKPOINTS, LAST_CHECKPOINT
     from bnexp.task import Task
 
     task = Task()
@@ -238,6 +240,9 @@ def _check_and_run(overrides: list[str]) -> int:
         typer.echo(f"tensorboard: tensorboard --logdir {run_dir.parent}")
         if summary.get("error"):
             typer.echo(f"error:       {summary['error']}")
+        resumable = (run_dir / CHECKPOINTS / LAST_CHECKPOINT).is_file()
+        if summary["status"] == "interrupted" and resumable:
+            typer.echo(f"resume:      bnexp resume {shlex.quote(str(run_dir))}")
     return max([code, *(r.code for r in task.results)])
 
 

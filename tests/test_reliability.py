@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -74,11 +75,18 @@ def test_interrupt_at_a_random_step_then_resume_is_bit_identical(
     code = proc.wait(timeout=60)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] != "completed", "the run ended before the signal: make it longer"
+    command = ["resume", str(run_dir)]
     if how == signal.SIGINT:
         assert code == 130 and summary["status"] == "interrupted"
+        # It says how to continue, as a command to paste: the one resumed with below.
+        said = [line for line in proc.stdout.read().decode().splitlines()
+                if line.startswith("resume:")]
+        assert len(said) == 1, said
+        bnexp, *command = shlex.split(said[0].removeprefix("resume:"))
+        assert bnexp == "bnexp" and command == ["resume", str(run_dir)]
     else:
         assert summary["status"] == "running"  # no chance to write more: still valid JSON
-    result = runner.invoke(app, ["resume", str(run_dir)])
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert comparable(run_dir) == comparable(reference)
