@@ -224,7 +224,7 @@ def _check_and_run(overrides: list[str]) -> int:
             return interrupt.exit_code()
         _error(str(exc))
         return EXIT_BAD_INPUT
-    from bnexp.record import CHECKPOINTS, LAST_CHECKPOINT
+    from bnexp.record import last_checkpoint
     from bnexp.task import Task
 
     task = Task()
@@ -240,8 +240,7 @@ def _check_and_run(overrides: list[str]) -> int:
         typer.echo(f"tensorboard: tensorboard --logdir {run_dir.parent}")
         if summary.get("error"):
             typer.echo(f"error:       {summary['error']}")
-        resumable = (run_dir / CHECKPOINTS / LAST_CHECKPOINT).is_file()
-        if summary["status"] == "interrupted" and resumable:
+        if summary["status"] == "interrupted" and last_checkpoint(run_dir).is_file():
             typer.echo(f"resume:      bnexp resume {shlex.quote(str(run_dir))}")
     return max([code, *(r.code for r in task.results)])
 

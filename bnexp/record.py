@@ -27,6 +27,13 @@ SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 FINAL_CHECKPOINT = "final.pt"
 LAST_CHECKPOINT = "last.pt"  # every trainer.checkpoint_every steps, and on interruption
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run's last checkpoint lies: what `bnexp resume` continues from."""
+    return Path(run_dir) / CHECKPOINTS / LAST_CHECKPOINT
+
+
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 SCHEMA_VERSION = 1
 
@@ -300,7 +307,7 @@ def load_checkpoint(path: Path) -> dict:
     if path.is_dir():  # the final checkpoint, else the last one of an unfinished run
         file = path / CHECKPOINTS / FINAL_CHECKPOINT
         if not file.is_file():
-            file = path / CHECKPOINTS / LAST_CHECKPOINT
+            file = last_checkpoint(path)
     if not file.is_file():
         raise FileNotFoundError(
             f"{path} is neither a checkpoint file nor a run directory with "

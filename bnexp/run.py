@@ -65,7 +65,7 @@ def resume_checkpoint(cfg: DictConfig) -> dict | None:
     if not cfg.resume:
         return None
     path = Path(str(cfg.resume))
-    last = path / record.CHECKPOINTS / record.LAST_CHECKPOINT
+    last = record.last_checkpoint(path)
     if not (path / record.SUMMARY).is_file() or not last.is_file():
         raise ConfigError(
             f"Invalid value for resume: {str(path)!r}. Allowed: a run directory with "

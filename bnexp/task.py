@@ -170,7 +170,7 @@ class Task:
                            for cfg, d in zip(cfgs, run_dirs))
             where = run_dirs[0] if len(run_dirs) == 1 else run_dirs[0].parent
             again = ("run `bnexp resume " + str(where) + "`" if len(run_dirs) == 1 and
-                     (where / record.CHECKPOINTS / record.LAST_CHECKPOINT).is_file()
+                     record.last_checkpoint(where).is_file()
                      else "rerun the command")
             print(f"bnexp: error: could not write the run's files in {where}: {exc}. If the "
                   f"disk is full, free space and {again} (a sweep reruns what is missing). "

@@ -634,10 +634,8 @@ def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
     for rnd in range(4 if args.quick else 12):
         order = list(stacks.items())
         for name, st in order if rnd % 2 == 0 else order[::-1]:
-            if st.position.item() > st.perms.shape[1] - 6:
-                st.position.fill_(0)  # stay inside the epoch's batches
             start = time.perf_counter()
-            st.steps(5)
+            stack_steps(st, 5)
             seconds[name].append((time.perf_counter() - start) / 5)
     base = statistics.median(seconds["as the model (out x in)"])
     batch = cfgs[0].trainer.batch_size
@@ -664,6 +662,14 @@ def stack_layouts(args: argparse.Namespace, tmp: Path) -> list[dict]:
     return rows + stack_evaluations(st, 4 if args.quick else 10, rate)
 
 
+def stack_steps(st: Any, n: int) -> None:
+    """n steps of a stack, inside its epoch's batches (rewound to its start when too few are
+    left: the timings do not depend on which batches)."""
+    if st.position.item() > st.perms.shape[1] - n:
+        st.position.fill_(0)
+    st.steps(n)
+
+
 def per_core(st: Any, cfgs: list, threads: int, rounds: int, tmp: Path) -> list[dict]:
     """Where a stack's speed-up comes from: K single-model steps on one thread (as a
     sequential sweep takes them), the stack's step on one thread (stacking alone), and on
@@ -681,28 +687,28 @@ def per_core(st: Any, cfgs: list, threads: int, rounds: int, tmp: Path) -> list[
             single.position = 0
         single.steps(n)
 
-    def stack_steps(n: int) -> None:
-        if st.position.item() > st.perms.shape[1] - n:
-            st.position.fill_(0)
-        st.steps(n)
+    def stacked(n: int) -> None:
+        stack_steps(st, n)
 
-    # (steps, threads, steps of one model per step): the single model's turn takes as long.
+    # name: (steps, threads, the models one call steps). A turn of single-model steps takes
+    # 2 per model (2 K steps), a stack's 5: turns of similar length.
     ways = {f"{st.k} single-model steps, 1 thread (a sequential sweep's)": (single_steps, 1,
-                                                                           st.k),
-            "one stack's step, 1 thread (stacking alone)": (stack_steps, 1, 1),
-            f"one stack's step, {threads} threads (stacking and the cores)": (stack_steps,
-                                                                              threads, 1)}
+                                                                           1),
+            "one stack's step, 1 thread (stacking alone)": (stacked, 1, st.k),
+            f"one stack's step, {threads} threads (stacking and the cores)": (stacked, threads,
+                                                                              st.k)}
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     try:
         for rnd in range(rounds):
             order = list(ways.items())
-            for name, (fn, n_threads, per_step) in order if rnd % 2 == 0 else order[::-1]:
+            for name, (fn, n_threads, models) in order if rnd % 2 == 0 else order[::-1]:
                 torch.set_num_threads(n_threads)
-                n = 2 * per_step if per_step > 1 else 5
+                n = 5 if models > 1 else 2 * st.k
                 fn(2)
                 start = time.perf_counter()
                 fn(n)
-                seconds[name].append((time.perf_counter() - start) / n * per_step)
+                # seconds per step of all K models
+                seconds[name].append((time.perf_counter() - start) / n * st.k / models)
     finally:
         torch.set_num_threads(threads)
     base = statistics.median(seconds[next(iter(ways))])

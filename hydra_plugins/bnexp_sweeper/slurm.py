@@ -116,7 +116,7 @@ class SlurmLauncher(_Submitit):
 
         run_dir = Path(str(self.config.hydra.sweep.dir)) / _subdir(sweep_overrides)
         again = [o for o in sweep_overrides if not o.startswith("resume=")]
-        last = run_dir / record.CHECKPOINTS / record.LAST_CHECKPOINT
+        last = record.last_checkpoint(run_dir)
         if last.is_file() and (run_dir / record.SUMMARY).is_file():
             again.append(f"resume='{run_dir}'")
         return submitit.helpers.DelayedSubmission(self, again, *args, **kwargs)
