@@ -16,9 +16,10 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from bnexp import interrupt
 from bnexp.config import GROUPS, default_options, describe_option, group_options
@@ -28,7 +29,118 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2  # 3 (a sweep had failed jobs) is bnexp.sweep.EXIT_SOME_FAILED
 
+
+
+def _error(message: str) -> None:
+    typer.echo(f"bnexp: error: {message}", err=True)
+
+
+def _option_names(param: object) -> str:
+    return "/".join([*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])])
+
+
+def _given(param: object, args: list[str]) -> str | None:
+    """The text typed for an option (`--jobs x` or `--jobs=x`), if it is in args."""
+    for opt in getattr(param, "opts", []):
+        for i, arg in enumerate(args):
+            if arg == opt and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(opt + "="):
+                return arg[len(opt) + 1:]
+    return None
+
+
+def _about(param: object, style: str = "()") -> str:
+    """A parameter's help, after what it qualifies: ' (the run directory to continue)'."""
+    text = (getattr(param, "help", None) or "").strip().rstrip(".")
+    text = text[:1].lower() + text[1:]
+    return "" if not text else f" {text}" if style == " " else f" ({text})"
+
+
+def usage_error(exc: typer.TyperException, args: list[str]) -> str:
+    """Typer's own refusal of a command line (an unknown option or command, a missing or
+    mistyped value) as bnexp's one paragraph: what was wrong, with the value typed, what is
+    allowed, and where the help is."""
+    ctx = getattr(exc, "ctx", None)
+    group = typer.main.get_command(app)
+    commands = group.commands  # type: ignore[attr-defined]
+    if ctx is not None:
+        command, sub = ctx.command, ctx.parent is not None
+    else:  # an error before the command's context (an option without its value)
+        command = commands.get(next((a for a in args if not a.startswith("-")), ""))
+        sub = command is not None
+        command = command or group
+    # Named "bnexp" whatever the program's name (a test runner's "root", `python -m bnexp`).
+    path = f"bnexp {command.name}" if sub else "bnexp"
+    options = [o for p in command.params if getattr(p, "param_type_name", "") == "option"
+               for o in p.opts] + ["--help"]
+    param = getattr(exc, "param", None)
+    if param is None and getattr(exc, "option_name", None):
+        param = next((p for p in command.params if exc.option_name in p.opts), None)
+    kind = type(exc).__name__
+    message = " ".join(str(getattr(exc, "message", exc)).split()).rstrip(".")
+    if kind == "MissingParameter" and param is not None:
+        what = param.name.upper() if getattr(param, "param_type_name", "") == "argument" \
+            else _option_names(param)
+        text = f"`{path}` needs {what}{_about(param)}"
+    elif kind == "BadParameter" and param is not None:
+        value = _given(param, args)
+        reason = (message[:1].lower() + message[1:]).replace("input should", "it should")
+        text = (f"{_option_names(param)}{'' if value is None else ' ' + repr(value)}: "
+                f"{reason or 'not allowed'}. {_option_names(param)}:{_about(param, ' ')}")
+    elif kind == "BadOptionUsage" and param is not None:  # an option without its value
+        text = f"{_option_names(param)} needs a value:{_about(param, ' ')}"
+    elif kind == "NoSuchOption":
+        hint = f" (did you mean {' or '.join(exc.possibilities)}?)" \
+            if getattr(exc, "possibilities", None) else ""
+        text = f"unknown option {exc.option_name!r}{hint}. `{path}` takes " + ", ".join(options)
+    elif message.startswith("No such command"):
+        unknown, _, hint = message.partition(". Did you mean ")
+        text = (f"{unknown[:1].lower()}{unknown[1:]}"
+                + (f" (did you mean {hint.rstrip('?')}?)" if hint else "")
+                + ". The commands: " + ", ".join(commands))
+    elif message.startswith("Got unexpected extra argument"):
+        extra = message.rpartition(" (")[2].rstrip(")")
+        takes = [p.name.upper() for p in command.params
+                 if getattr(p, "param_type_name", "") == "argument"]
+        text = (f"unexpected argument(s) {extra}: `{path}` takes "
+                + (" ".join(takes) + ", then" if takes else "only") + " its options ("
+                + ", ".join(options) + ")")
+        if path == "bnexp resume" and "=" in extra:
+            text += (". A resumed run keeps the config it started with; a changed config is a "
+                     "new run (`bnexp train ...`)")
+    else:
+        text = message
+    return f"{text.rstrip('.')}. See `{path} --help`."
+
+
+class Commands(TyperGroup):
+    """bnexp's commands, with Typer's usage errors (exit code 2) said as bnexp says its own."""
+
+    def invoke(self, ctx: Any) -> None:
+        super().invoke(ctx)  # the exit status comes from typer.Exit, never a return value
+
+    def main(self, args: Any = None, prog_name: str | None = None,  # type: ignore[override]
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        args = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `bnexp`: its help
+                typer.echo(exc.format_message())
+            else:
+                _error(usage_error(exc, args))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code or 0)
+
+
 app = typer.Typer(
+    cls=Commands,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -67,10 +179,6 @@ OVERRIDES use Hydra's grammar: group=option or key=value, e.g.
   device=auto|cpu|cuda|cuda:N|mps  seed=N  hydra.run.dir=PATH
 
 Hydra flags pass through: -m/--multirun, --cfg job. See every key: bnexp config."""
-
-
-def _error(message: str) -> None:
-    typer.echo(f"bnexp: error: {message}", err=True)
 
 
 def register_plugins() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,42 @@ def test_bad_override_exits_2_and_writes_nothing(overrides, key, allowed, isolat
     assert result.exit_code == 2, result.output
     assert key in result.output
     assert not (isolated / "outputs").exists()
+
+
+# Typer's own refusals of a command line, each with what its paragraph must name: the option
+# or argument, the value typed, and what is allowed.
+USAGE = [
+    (["sweep", "--jobs", "x"], ["--jobs", "'x'", "integer", "parallel local jobs"]),
+    (["sweep", "--jobs=0"], ["--jobs", "'0'", "greater than or equal to 1"]),
+    (["board", "--port", "abc"], ["--port", "'abc'", "integer"]),
+    (["compare", "--metric"], ["--metric", "needs a value", "metrics to show"]),
+    (["compare", "--formt", "csv"], ["'--formt'", "did you mean --format", "--where"]),
+    (["trian"], ["'trian'", "did you mean 'train'", "reproduce"]),
+    (["resume"], ["RUN", "the run directory"]),
+    (["resume", "somewhere", "optim.lr=0.1"], ["optim.lr=0.1", "RUN", "new run"]),
+]
+
+
+@pytest.mark.parametrize("argv,named", USAGE)
+def test_usage_errors_are_one_paragraph_naming_the_value_and_what_is_allowed(
+        argv: list[str], named: list[str], isolated: Path) -> None:
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert text.startswith("bnexp: error: ") and "\n" not in text and "╭" not in text, text
+    assert all(n in text for n in named), (named, text)
+    command = "bnexp" if argv[0] == "trian" else f"bnexp {argv[0]}"
+    assert text.endswith(f"See `{command} --help`."), text
+    assert not (isolated / "outputs").exists()
+
+
+def test_usage_error_of_the_installed_command_is_one_line_on_stderr(isolated: Path) -> None:
+    """The `bnexp` process itself (not the test runner) says it, with exit code 2."""
+    done = subprocess.run([sys.executable, "-m", "bnexp", "sweep", "--jobs", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr.startswith("bnexp: error: --jobs/-j 'x': ") \
+        and done.stderr.count("\n") == 1, done.stderr
 
 
 def test_norms_of_each_sample_alone_train_at_batch_size_one() -> None:
