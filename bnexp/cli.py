@@ -705,8 +705,8 @@ def compare(
     lr_rows = cmp.sort_rows(result["lr"], None, True)
     if fmt == "json":
         typer.echo(json.dumps({"runs": result["runs"], "varying": result["keys"],
-                               "rows": rows, "lr": lr_rows, "skipped": result["skipped"]},
-                              indent=2, default=str))
+                               "rows": rows, "lr": lr_rows, "skipped": result["skipped"],
+                               "repeats": result["repeats"]}, indent=2, default=str))
         return
     if not lr_only:
         typer.echo(cmp.render(rows, fmt, f"{len(runs)} runs, varying: "
@@ -723,6 +723,17 @@ def compare(
     if result["skipped"] and fmt == "table":
         typer.echo("not compared: " + ", ".join(f"{n} {s}" for s, n in
                                                  result["skipped"].items()))
+    if result["repeats"] and fmt == "table":
+        typer.echo(_repeats_note(result["repeats"]))
+
+
+def _repeats_note(repeats: list[dict]) -> str:
+    """Which runs repeat one already counted (one sample, not another seed), a few by name."""
+    shown = [f"{r['run']} (as {r['same_as']})" for r in repeats[:3]]
+    more = f" and {len(repeats) - 3} more" if len(repeats) > 3 else ""
+    return (f"counted once: {len(repeats)} run(s) trained the same config and seed as a run "
+            f"shown (they differ only in what was recorded or where it ran): "
+            f"{'; '.join(shown)}{more}")
 
 
 @app.command()

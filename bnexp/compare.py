@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bnexp import metrics
-from bnexp.runs import Run, varying_keys
+from bnexp.runs import Run, distinct, varying_keys
 
 DEFAULT_METRICS = ("final_val_acc", "best_val_acc", "steps_to_target", "train_loss_auc",
                    "diverged", "val_acc_train_mode")
@@ -31,9 +31,10 @@ def select(runs: list[Run], where: Sequence[str]) -> list[Run]:
     return out
 
 
-def aggregate(runs: list[Run], keys: Sequence[str], names: Sequence[str]) -> list[dict]:
+def aggregate(runs: list[Run], keys: Sequence[str], names: Sequence[str],
+              named: bool = False) -> list[dict]:
     """One row per distinct value of `keys`: n, and mean/std/count of each metric over seeds.
-    Booleans (diverged) average to a fraction."""
+    Booleans (diverged) average to a fraction. named: each row says its runs' directories."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
@@ -48,6 +49,8 @@ def aggregate(runs: list[Run], keys: Sequence[str], names: Sequence[str]) -> lis
         for name in names:
             mean, std, count = metrics.mean_std([m.metrics.get(name) for m in members])
             row[name] = {"mean": mean, "std": std, "n": count, "of": len(members)}
+        if named:
+            row["run"] = ", ".join(m.path.name for m in members)
         rows.append(row)
     return rows
 
@@ -73,20 +76,18 @@ def compare(runs: list[Run], names: Sequence[str] = DEFAULT_METRICS, per_run: bo
             lr_metric: str = "final_val_acc", tolerance: float = 0.01) -> dict[str, Any]:
     """The whole comparison: result runs only, grouped by the varying keys with seeds
     aggregated (or one row per run), plus LR statistics when optim.lr varies."""
-    results = [r for r in runs if r.status in RESULT_STATUSES]
+    results, repeats = distinct([r for r in runs if r.status in RESULT_STATUSES])
     keys = varying_keys(results)
     group_keys = [k for k in keys if per_run or k != "seed"]
     if per_run and "seed" not in group_keys:
         group_keys.append("seed")
-    rows = aggregate(results, group_keys, names)
-    if per_run:
-        for row, run in zip(rows, results):
-            row["run"] = run.path.name
+    rows = aggregate(results, group_keys, names, named=per_run)
     lr_rows = []
     if "optim.lr" in keys:
         variant = [k for k in keys if k not in ("optim.lr", "seed")]
         lr_rows = lr_table(results, variant, lr_metric, tolerance)
     return {"rows": rows, "lr": lr_rows, "keys": keys, "runs": len(runs),
+            "repeats": [{"run": str(r.path), "same_as": str(kept.path)} for r, kept in repeats],
             "skipped": {s: sum(r.status == s for r in runs) for s in {r.status for r in runs}
                         if s not in RESULT_STATUSES}}
 

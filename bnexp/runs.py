@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,15 @@ from typing import Any
 from bnexp.config import NOT_A_VARIANT
 from bnexp.record import SUMMARY
 
-# Config keys that never define a variant: where data lives, how a run was shown.
 # Keys whose recorded value follows another's when left to their default.
 DERIVED = {"model.affine": "model.norm"}
+# Keys that say what a run measured and wrote, not what it trained: runs that differ only in
+# these (and in NOT_A_VARIANT) trained the same model from the same seed, bit for bit
+# (tests/test_record.py::test_probes_change_nothing_about_training). A lone `bnexp train`
+# records diagnostics=full, a sweep's job diagnostics=summary.
+RECORDING = ("trainer.diagnostics", "trainer.diagnostics_every", "trainer.histogram_every",
+             "trainer.probe_batch_size", "trainer.probe_every", "trainer.probe_step_sizes",
+             "trainer.mode_batch_sizes", "trainer.checkpoint", "trainer.checkpoint_every")
 
 
 @dataclass
@@ -66,6 +73,38 @@ def find(paths: list[Path]) -> list[Run]:
     return sorted(found, key=lambda r: str(r.path))
 
 
+def trained(run: Run) -> str:
+    """What a run trained (its config less the keys that change no training), as text: two
+    runs with the same text are one measurement, however many times it was made."""
+    return json.dumps({k: v for k, v in run.config.items()
+                       if k not in NOT_A_VARIANT and k not in RECORDING},
+                      sort_keys=True, default=str)
+
+
+def distinct(runs: list[Run], finished: Sequence[str] = ("completed", "diverged")
+             ) -> tuple[list[Run], list[tuple[Run, Run]]]:
+    """One run per measurement: a config and seed trained twice (a lone `bnexp train` beside
+    the same job of a sweep, a repeated command) is one sample, not two seeds. The one kept: a
+    finished one, then the one that measured most, then the newest summary. (the runs kept in
+    their order, [(repeat, the run kept in its place)])."""
+    def rank(run: Run) -> tuple:
+        try:
+            written = (run.path / SUMMARY).stat().st_mtime
+        except OSError:
+            written = 0.0
+        return (run.status in finished,
+                sum(v is not None for v in run.metrics.values()), written)
+
+    kept: dict[str, Run] = {}
+    for run in runs:
+        key = trained(run)
+        if key not in kept or rank(run) > rank(kept[key]):
+            kept[key] = run
+    chosen = {id(r) for r in kept.values()}
+    return ([r for r in runs if id(r) in chosen],
+            [(r, kept[trained(r)]) for r in runs if id(r) not in chosen])
+
+
 def varying_keys(runs: list[Run]) -> list[str]:
     """Config keys whose value differs between runs, in config order."""
     keys: dict[str, None] = {}
@@ -73,7 +112,7 @@ def varying_keys(runs: list[Run]) -> list[str]:
         keys.update(dict.fromkeys(run.config))
     out: list[str] = []
     for key in keys:
-        if key in NOT_A_VARIANT:
+        if key in NOT_A_VARIANT or key in RECORDING:
             continue
         values = {repr(run.config.get(key)) for run in runs}
         cause = DERIVED.get(key)

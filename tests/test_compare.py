@@ -113,3 +113,45 @@ def test_compare_never_imports_torch(grid: Path) -> None:
 def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["compare", str(tmp_path)])
     assert result.exit_code == 2 and "no runs" in result.output
+
+
+@pytest.fixture
+def repeated(tmp_path: Path) -> Path:
+    """A sweep's two seeds (diagnostics=summary, as a sweep's jobs record) and two repeats of
+    its seed 0: a lone `bnexp train` (diagnostics=full, its histograms) and a rerun whose
+    dataset lay elsewhere. Directory names sort against the seeds."""
+    same = {"model.norm": "batch", "optim.lr": 0.1, "data.root": "/data"}
+    for seed, acc in ((0, 0.90), (1, 0.80)):
+        write_summary(tmp_path / "sweeps" / "s" / f"z-seed={seed}", **same, seed=seed,
+                      **{"trainer.diagnostics": "summary"}, final_val_acc=acc)
+    write_summary(tmp_path / "runs" / "a-lone", **same, seed=0,
+                  **{"trainer.diagnostics": "full", "trainer.histogram_every": 50},
+                  final_val_acc=0.90, saturation_final=0.1)
+    write_summary(tmp_path / "runs" / "b-moved", **{**same, "data.root": "/elsewhere"}, seed=0,
+                  **{"trainer.diagnostics": "summary"}, final_val_acc=0.90)
+    return tmp_path
+
+
+def test_a_config_and_seed_trained_twice_counts_once(repeated: Path) -> None:
+    result = compare.compare(find([repeated]), ["final_val_acc"])
+    assert result["keys"] == ["seed"]  # what was recorded is no variant
+    [row] = result["rows"]
+    assert row["n"] == 2 and row["final_val_acc"]["mean"] == pytest.approx(0.85)
+    assert row["final_val_acc"]["std"] == pytest.approx(statistics.stdev([0.90, 0.80]))
+    # The one kept measured most (the lone run's saturation); the others are named.
+    assert sorted(Path(r["run"]).name for r in result["repeats"]) == ["b-moved", "z-seed=0"]
+    assert {Path(r["same_as"]).name for r in result["repeats"]} == {"a-lone"}
+
+
+def test_per_run_rows_name_their_own_runs(repeated: Path) -> None:
+    result = compare.compare(find([repeated]), ["final_val_acc"], per_run=True)
+    named = {row["seed"]: (row["run"], row["final_val_acc"]["mean"]) for row in result["rows"]}
+    assert named == {0: ("a-lone", 0.90), 1: ("z-seed=1", 0.80)}
+
+
+def test_cli_says_which_runs_were_counted_once(repeated: Path) -> None:
+    table = runner.invoke(app, ["compare", str(repeated)])
+    assert table.exit_code == 0, table.output
+    assert "counted once: 2 run(s)" in table.output and "b-moved" in table.output
+    as_json = json.loads(runner.invoke(app, ["compare", str(repeated), "-f", "json"]).output)
+    assert len(as_json["repeats"]) == 2 and as_json["rows"][0]["n"] == 2

@@ -62,6 +62,22 @@ def test_figures_hold_one_line_per_variant_with_seed_means(sweep_dir: Path) -> N
     assert "0.9" in reached.get_title() and "3 of 8 runs" in reached.get_title()
 
 
+def test_a_run_repeated_elsewhere_is_drawn_once(sweep_dir: Path, tmp_path: Path) -> None:
+    """A lone run of seed 0 at norm=batch, lr=0.1 (its diagnostics full) beside the sweep's
+    own: the seed mean stays the mean over 2 seeds, not a mean weighting seed 0 twice."""
+    write_summary(sweep_dir / "runs" / "lone", **{
+        "model.norm": "batch", "optim.lr": 0.1, "seed": 0, "best_val_acc": 0.8,
+        "final_val_acc": 0.8, "trainer.target_acc": 0.9, "trainer.diagnostics": "full",
+        "steps_to_target": None, "diverged": False})
+    notes: list[str] = []
+    figs = plots.make_figures(find([sweep_dir]), "best_val_acc", notes)
+    lines = {line.get_label(): line for line in figs["acc_vs_lr"].axes[0].lines}
+    assert set(lines) == {"norm=batch", "norm=none"}
+    assert list(lines["norm=batch"].get_ydata()) == pytest.approx([0.85, 0.96])
+    assert notes == ["counted once: 1 run(s) trained the same config and seed as a run drawn "
+                     "(`bnexp compare` names them)"]
+
+
 def test_a_target_no_run_reached_is_said_not_drawn(tmp_path: Path) -> None:
     for lr in (0.1, 1.0):
         write_summary(tmp_path / f"lr={lr},seed=0", **{"optim.lr": lr, "seed": 0,
