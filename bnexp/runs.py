@@ -49,13 +49,18 @@ def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def find(paths: list[Path]) -> list[Run]:
-    """Every run (a directory with summary.json) under the given paths, sorted by path.
-    An unreadable summary is skipped with a warning that names it; the rest are read."""
+    """Every run (a directory with summary.json) under the given paths, sorted by path, each
+    once however many of the paths hold it (`outputs outputs/sweeps`). An unreadable summary
+    is skipped with a warning that names it; the rest are read."""
     found = []
+    seen: set[Path] = set()
     for root in paths:
         root = Path(root)
         files = [root / SUMMARY] if (root / SUMMARY).is_file() else sorted(root.rglob(SUMMARY))
         for file in files:
+            if file.resolve() in seen:
+                continue
+            seen.add(file.resolve())
             try:
                 body = json.loads(file.read_text())
                 if not isinstance(body, dict):

@@ -155,3 +155,11 @@ def test_cli_says_which_runs_were_counted_once(repeated: Path) -> None:
     assert "counted once: 2 run(s)" in table.output and "b-moved" in table.output
     as_json = json.loads(runner.invoke(app, ["compare", str(repeated), "-f", "json"]).output)
     assert len(as_json["repeats"]) == 2 and as_json["rows"][0]["n"] == 2
+
+
+def test_paths_that_overlap_read_each_run_once(grid: Path) -> None:
+    once = find([grid])
+    assert [r.path for r in find([grid.parent, grid, grid / "lr=0.1,norm=batch,seed=0"])] \
+        == [r.path for r in once]
+    result = compare.compare(find([grid.parent, grid]), ["final_val_acc"])
+    assert result["repeats"] == [] and result["runs"] == len(once)
