@@ -66,20 +66,20 @@ def resume_checkpoint(cfg: DictConfig) -> dict | None:
         return None
     path = Path(str(cfg.resume))
     last = record.last_checkpoint(path)
+    try:
+        status = record.read_summary(path).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None  # missing or unreadable: the checkpoint decides
+    if status in ("completed", "diverged"):  # its last checkpoint is gone or stale: say why
+        raise ConfigError(
+            f"resume={path}: this run is already {status}; there is nothing to resume and it "
+            "was left as it is. To train longer, start a new run with more trainer.epochs.")
     if not (path / record.SUMMARY).is_file() or not last.is_file():
         raise ConfigError(
             f"Invalid value for resume: {str(path)!r}. Allowed: a run directory with "
             f"{record.SUMMARY} and {record.CHECKPOINTS}/{record.LAST_CHECKPOINT} (written every "
             f"trainer.checkpoint_every steps and when a run is interrupted)."
         )
-    try:
-        status = record.read_summary(path).get("status")
-    except (OSError, ValueError, AttributeError):
-        status = None  # unreadable: the checkpoint decides
-    if status in ("completed", "diverged"):
-        raise ConfigError(
-            f"resume={path}: this run is already {status}; there is nothing to resume and it "
-            "was left as it is. To train longer, start a new run with more trainer.epochs.")
     try:
         ckpt = record.load_checkpoint(last)
     except FileNotFoundError as exc:

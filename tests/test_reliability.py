@@ -552,6 +552,12 @@ def test_hydra_flags_and_run_directories_with_equals_signs(isolated: Path) -> No
                                 f"resume={run_dir}"])
     assert again.exit_code == 2 and "already completed" in again.output, again.output
     assert (run_dir / "summary.json").read_bytes() == before
+    # So does `bnexp resume` of a finished run that never wrote a last checkpoint.
+    short = isolated / "short"
+    assert runner.invoke(app, ["train", "trainer=debug", f"hydra.run.dir={short}"]).exit_code == 0
+    assert not (short / "checkpoints" / "last.pt").exists()
+    done = runner.invoke(app, ["resume", str(short)])
+    assert done.exit_code == 2 and "already completed" in done.output, done.output
 
 
 def _interrupted_run(root: Path) -> Path:
