@@ -720,11 +720,14 @@ def compare(
         typer.echo(cmp.render(lr_rows, fmt, f"learning rates (by {lr_metric}; stable = no seed "
                                             f"diverged and every seed reached the target)"),
                    nl=False)
-    if result["skipped"] and fmt == "table":
-        typer.echo("not compared: " + ", ".join(f"{n} {s}" for s, n in
-                                                 result["skipped"].items()))
-    if result["repeats"] and fmt == "table":
-        typer.echo(_repeats_note(result["repeats"]))
+    notes = []  # under a table for people (csv and json carry no prose)
+    if result["skipped"]:
+        notes.append("not compared: " + ", ".join(f"{n} {s}" for s, n in
+                                                  result["skipped"].items()))
+    if result["repeats"]:
+        notes.append(_repeats_note(result["repeats"]))
+    if notes and fmt in ("table", "markdown"):  # markdown: a paragraph each
+        typer.echo("\n" + "\n\n".join(notes) if fmt == "markdown" else "\n".join(notes))
 
 
 def _repeats_note(repeats: list[dict]) -> str:

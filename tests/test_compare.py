@@ -155,6 +155,10 @@ def test_cli_says_which_runs_were_counted_once(repeated: Path) -> None:
     assert "counted once: 2 run(s)" in table.output and "b-moved" in table.output
     as_json = json.loads(runner.invoke(app, ["compare", str(repeated), "-f", "json"]).output)
     assert len(as_json["repeats"]) == 2 and as_json["rows"][0]["n"] == 2
+    markdown = runner.invoke(app, ["compare", str(repeated), "-f", "markdown"]).output
+    assert "|\n\ncounted once: 2 run(s)" in markdown  # a paragraph of its own
+    as_csv = runner.invoke(app, ["compare", str(repeated), "-f", "csv"]).output
+    assert "counted once" not in as_csv and len(as_csv.strip().splitlines()) == 2
 
 
 def test_paths_that_overlap_read_each_run_once(grid: Path) -> None:
