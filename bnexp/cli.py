@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 EXIT_BAD_INPUT = 2  # 3 (a sweep had failed jobs) is bnexp.sweep.EXIT_SOME_FAILED
 
 
-
 def _error(message: str) -> None:
     typer.echo(f"bnexp: error: {message}", err=True)
 

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from bnexp import metrics
+from bnexp.record import FINISHED
 from bnexp.runs import Run, distinct, varying_keys
 
 DEFAULT_METRICS = ("final_val_acc", "best_val_acc", "steps_to_target", "train_loss_auc",
                    "diverged", "val_acc_train_mode")
-RESULT_STATUSES = ("completed", "diverged")
 
 
 def select(runs: list[Run], where: Sequence[str]) -> list[Run]:
@@ -76,7 +76,7 @@ def compare(runs: list[Run], names: Sequence[str] = DEFAULT_METRICS, per_run: bo
             lr_metric: str = "final_val_acc", tolerance: float = 0.01) -> dict[str, Any]:
     """The whole comparison: result runs only, grouped by the varying keys with seeds
     aggregated (or one row per run), plus LR statistics when optim.lr varies."""
-    results, repeats = distinct([r for r in runs if r.status in RESULT_STATUSES])
+    results, repeats = distinct([r for r in runs if r.status in FINISHED])
     keys = varying_keys(results)
     group_keys = [k for k in keys if per_run or k != "seed"]
     if per_run and "seed" not in group_keys:
@@ -89,7 +89,7 @@ def compare(runs: list[Run], names: Sequence[str] = DEFAULT_METRICS, per_run: bo
     return {"rows": rows, "lr": lr_rows, "keys": keys, "runs": len(runs),
             "repeats": [{"run": str(r.path), "same_as": str(kept.path)} for r, kept in repeats],
             "skipped": {s: sum(r.status == s for r in runs) for s in {r.status for r in runs}
-                        if s not in RESULT_STATUSES}}
+                        if s not in FINISHED}}
 
 
 def sort_rows(rows: list[dict], by: str | None, descending: bool) -> list[dict]:

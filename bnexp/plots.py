@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bnexp import metrics
-from bnexp.compare import RESULT_STATUSES
 from bnexp.config import short_keys
+from bnexp.record import FINISHED
 from bnexp.runs import Run, distinct, scalar_series, varying_keys
 
 AGGREGATE_DIR = "_aggregate"  # TensorBoard runs of seed means, inside the sweep directory
@@ -102,7 +102,7 @@ def make_figures(runs: list[Run], metric: str = "final_val_acc",
     notes gets a line for each figure left out, saying why."""
     plt = _pyplot()
     notes = notes if notes is not None else []
-    runs, repeats = distinct([r for r in runs if r.status in RESULT_STATUSES])
+    runs, repeats = distinct([r for r in runs if r.status in FINISHED])
     if repeats:
         notes.append(f"counted once: {len(repeats)} run(s) trained the same config and seed "
                      "as a run drawn (`bnexp compare` names them)")
@@ -234,7 +234,7 @@ def tensorboard_runs(runs: list[Run], root: Path) -> Path:
     base = root / AGGREGATE_DIR
     shutil.rmtree(base, ignore_errors=True)  # derived from the runs, rebuilt whole
     by_name: dict[str, list[Run]] = {}
-    for run in distinct([r for r in runs if r.status in RESULT_STATUSES])[0]:
+    for run in distinct([r for r in runs if r.status in FINISHED])[0]:
         by_name.setdefault(aggregate_name(run), []).append(run)
     layout = {f"{tag} (seed mean ± std; run _aggregate/<variant>)": [
         "Margin", [f"{name}/mean", f"{name}/lower", f"{name}/upper"]]

@@ -35,6 +35,8 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+# A result: compared, skipped by a rerun of its sweep, never written over.
+FINISHED = ("completed", "diverged")
 SCHEMA_VERSION = 1
 
 

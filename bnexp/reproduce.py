@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bnexp import stats
-from bnexp.compare import RESULT_STATUSES
+from bnexp.record import FINISHED
 from bnexp.runs import Run
 from bnexp.studies import MARGIN, RULES, STUDIES, Verdict
 
@@ -76,7 +76,7 @@ def report(study_name: str, runs: list[Run], sweep_dir: Path, command: str,
 
     base = study_name.removesuffix("_paper")
     study = STUDIES[base]
-    results = [r for r in runs if r.status in RESULT_STATUSES]
+    results = [r for r in runs if r.status in FINISHED]
     verdicts = study.claims(results)
     pngs = figures(base, results, sweep_dir / "plots")
     statuses: dict[str, int] = {}

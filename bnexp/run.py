@@ -70,7 +70,7 @@ def resume_checkpoint(cfg: DictConfig) -> dict | None:
         status = record.read_summary(path).get("status")
     except (OSError, ValueError, AttributeError):
         status = None  # missing or unreadable: the checkpoint decides
-    if status in ("completed", "diverged"):  # its last checkpoint is gone or stale: say why
+    if status in record.FINISHED:  # its last checkpoint is gone or stale: say why
         raise ConfigError(
             f"resume={path}: this run is already {status}; there is nothing to resume and it "
             "was left as it is. To train longer, start a new run with more trainer.epochs.")
@@ -437,7 +437,7 @@ class Run:
         summary["num_classes"] = self.ds.num_classes
         summary["total_steps"] = self.total_steps  # the budget; `steps` stops at divergence
         summary["setup_seconds"] = None if self.resumed else self.setup_seconds
-        if status in ("completed", "diverged"):
+        if status in record.FINISHED:
             ds = self.ds
             compared, found = modes or probes.mode_comparison(
                 self.model, ds.x_val, ds.y_val, self.inputs, cfg.trainer.batch_size,
@@ -454,7 +454,7 @@ class Run:
                                                             self.inputs))
         self.events.hparams(self.step, self.config, summary, status)
         self.events.close()
-        if cfg.trainer.checkpoint and status in ("completed", "diverged") and state is not None:
+        if cfg.trainer.checkpoint and status in record.FINISHED and state is not None:
             self.save(record.FINAL_CHECKPOINT, state)
         extra = {"error": error} if error else {}
         if notes:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bnexp.config import NOT_A_VARIANT
-from bnexp.record import SUMMARY
+from bnexp.record import FINISHED, SUMMARY
 
 # Keys whose recorded value follows another's when left to their default.
 DERIVED = {"model.affine": "model.norm"}
@@ -86,8 +85,7 @@ def trained(run: Run) -> str:
                       sort_keys=True, default=str)
 
 
-def distinct(runs: list[Run], finished: Sequence[str] = ("completed", "diverged")
-             ) -> tuple[list[Run], list[tuple[Run, Run]]]:
+def distinct(runs: list[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
     """One run per measurement: a config and seed trained twice (a lone `bnexp train` beside
     the same job of a sweep, a repeated command) is one sample, not two seeds. The one kept: a
     finished one, then the one that measured most, then the newest summary. (the runs kept in
@@ -97,7 +95,7 @@ def distinct(runs: list[Run], finished: Sequence[str] = ("completed", "diverged"
             written = (run.path / SUMMARY).stat().st_mtime
         except OSError:
             written = 0.0
-        return (run.status in finished,
+        return (run.status in FINISHED,
                 sum(v is not None for v in run.metrics.values()), written)
 
     kept: dict[str, Run] = {}

@@ -33,7 +33,7 @@ from bnexp.config import (  # noqa: F401 - config_hash is used by the sweeper
 )
 
 MANIFEST = record.SWEEP_MANIFEST
-FINISHED = ("completed", "diverged")  # results: a rerun skips these
+FINISHED = record.FINISHED  # results: a rerun skips these
 EXIT_SOME_FAILED = 3
 
 

@@ -243,7 +243,7 @@ def record_failure(cfg: DictConfig, run_dir: Path, error: str) -> bool:
         previous = record.read_summary(run_dir).get("status")
     except (OSError, ValueError):
         previous = None
-    if previous in ("completed", "diverged"):
+    if previous in record.FINISHED:
         return True
     try:
         record.write_summary(run_dir, "failed", resolved(cfg), {}, {}, error=error,
