@@ -27,17 +27,15 @@ SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 FINAL_CHECKPOINT = "final.pt"
 LAST_CHECKPOINT = "last.pt"  # every trainer.checkpoint_every steps, and on interruption
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+# A result: compared, skipped by a rerun of its sweep, never written over.
+FINISHED = ("completed", "diverged")
+SCHEMA_VERSION = 1
 
 
 def last_checkpoint(run_dir: Path) -> Path:
     """Where a run's last checkpoint lies: what `bnexp resume` continues from."""
     return Path(run_dir) / CHECKPOINTS / LAST_CHECKPOINT
-
-
-STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
-# A result: compared, skipped by a rerun of its sweep, never written over.
-FINISHED = ("completed", "diverged")
-SCHEMA_VERSION = 1
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

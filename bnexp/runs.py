@@ -98,14 +98,13 @@ def distinct(runs: list[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
         return (run.status in FINISHED,
                 sum(v is not None for v in run.metrics.values()), written)
 
+    keys = [trained(run) for run in runs]
     kept: dict[str, Run] = {}
-    for run in runs:
-        key = trained(run)
+    for key, run in zip(keys, runs):
         if key not in kept or rank(run) > rank(kept[key]):
             kept[key] = run
-    chosen = {id(r) for r in kept.values()}
-    return ([r for r in runs if id(r) in chosen],
-            [(r, kept[trained(r)]) for r in runs if id(r) not in chosen])
+    return ([r for k, r in zip(keys, runs) if kept[k] is r],
+            [(r, kept[k]) for k, r in zip(keys, runs) if kept[k] is not r])
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
